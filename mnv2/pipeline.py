@@ -59,6 +59,16 @@ def _instantiate_group(group: DictConfig | None, key: str) -> list[Any]:
     return out
 
 
+def check_trainer(trainer_cfg: DictConfig) -> None:
+    """Refuse trainer settings that would only fail after the data is loaded (on every rank)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if trainer_cfg.get("sync_batchnorm") and on_cpu:
+        raise ConfigError("trainer.sync_batchnorm", "SyncBatchNorm runs only on GPUs, and this run is on the CPU",
+                          "add trainer.sync_batchnorm=false (DDP on CPU: trainer=ddp trainer.accelerator=cpu "
+                          "trainer.devices=2 trainer.precision=32 trainer.sync_batchnorm=false)")
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
     resolve_precision(cfg.trainer)
     return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -89,6 +99,7 @@ def _report(module: pl.LightningModule, trainer: pl.Trainer, out_dir: Path) -> d
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data, then evaluate the best checkpoint."""
     out_dir = output_dir()
+    check_trainer(cfg.trainer)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise DataError(cfg.ckpt_path, "checkpoint to resume from not found", "fix ckpt_path= or drop it")
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -134,6 +145,7 @@ def model_config_from_checkpoint(cfg: DictConfig, info: dict[str, Any]) -> DictC
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint on the whole val set of the configured data."""
     out_dir = output_dir()
+    check_trainer(cfg.trainer)
     ckpt = load_checkpoint(cfg.ckpt_path)
     info = ckpt["mnv2"]
     if info.get("task") != cfg.task_name:

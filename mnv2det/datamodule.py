@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mnv2.dataloader import eval_sampler, seed_worker
 from mnv2.errors import ConfigError, DataError
 from mnv2det.dataset import COCODetection
 from mnv2det.transforms import build_eval_transform, build_train_transform, check_augment, normalization
@@ -53,25 +54,6 @@ def collate_detections(samples: list[tuple[torch.Tensor, dict[str, Any]]]) -> di
         "image_ids": torch.tensor([int(s[1]["image_id"]) for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([tuple(s[1]["orig_size"]) for s in samples], dtype=torch.int64).reshape(B, 2),
     }
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker its own augmentation stream.
-
-    albumentations' Compose owns its random generator, which a forked worker would otherwise
-    copy verbatim from the parent (every worker repeating the same draws). ``info.seed`` is
-    derived from the loader's base seed, so runs under ``seed_everything`` stay reproducible.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)  # the DataLoader already parallelises over workers
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    transforms = getattr(info.dataset, "transforms", None)
-    if hasattr(transforms, "set_seed"):
-        transforms.set_seed(info.seed)
-    np.random.seed(info.seed % 2**32)
 
 
 class DetDataModule(pl.LightningDataModule):
@@ -179,7 +161,9 @@ class DetDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------- loaders
     def _loader(self, dataset: COCODetection, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers,
+        sampler = None if train else eval_sampler(dataset)  # COCOEvaluator drops repeats too
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
+                          num_workers=self.num_workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(),
                           drop_last=train and len(dataset) > batch_size,  # no 1-image BN batches
                           collate_fn=collate_detections, worker_init_fn=seed_worker,

@@ -6,19 +6,12 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mnv2.dataloader import eval_sampler, reseed_transform, seed_worker
 from mnv2.errors import ConfigError
 from mnv2seg.dataset import VOCSegmentation, class_names_for, voc_palette
 from mnv2seg.transforms import collate, eval_transform, train_transform
-
-
-def _worker_init(_: int) -> None:
-    # OpenCV's own thread pool inside every loader worker oversubscribes the CPU
-    import cv2
-
-    cv2.setNumThreads(0)
 
 
 class SegDataModule(pl.LightningDataModule):
@@ -101,6 +94,8 @@ class SegDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_set is None:
             tf = train_transform(self.crop_size, float(self.augment["scale_min"]), float(self.augment["scale_max"]),
                                  bool(self.augment["hflip"]), self.normalize)
+            # the main-process stream (num_workers=0) follows the global seed; workers reseed
+            reseed_transform(tf, torch.initial_seed())
             self.train_set = VOCSegmentation(self.root, self.train_split, self.sbd_root, self.num_classes, tf,
                                              on_bad="replace")
         if self.val_set is None:
@@ -114,18 +109,12 @@ class SegDataModule(pl.LightningDataModule):
                      "ignore_index": 255, "normalize": self.normalize}
 
     def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> DataLoader:
-        sampler = None
-        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # each val image exactly once over all ranks (Lightning's default sampler pads with
-            # repeats, which would count some images twice in the summed confusion matrix)
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        sampler = None if train else eval_sampler(dataset)
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
             num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=train and len(dataset) > batch_size,  # BN in the pooling branch needs > 1 sample
-            persistent_workers=self.num_workers > 0, worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0, worker_init_fn=seed_worker if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -86,6 +86,7 @@ def _run(tool: str, args: list[str], cache: Path, out: Path) -> subprocess.Compl
     (["model.backbone.output_stride=12"], "model.backbone.output_stride"),
     (["data=coco", "data.root=/nonexistent/coco"], "/nonexistent/coco"),
     (["model.backbone.pretrained=/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
+    (["trainer=ddp", "trainer.devices=2"], "trainer.sync_batchnorm"),  # + trainer.accelerator=cpu below
 ])
 def test_bad_input_fails_at_startup_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     r = _run("train.py", [*args, "trainer.accelerator=cpu"], tmp_path / "cache", tmp_path / "run")

@@ -226,3 +226,39 @@ def test_datamodule_on_a_tiny_synthetic_set(tmp_path):
     assert val["masks"].max() <= 255 and set(val["masks"].unique().tolist()) <= set(range(7)) | {255}
     with pytest.raises(ConfigError, match="data.root"):
         SegDataModule(root="???")
+
+
+def _same_image_voc(root: Path, n: int) -> None:
+    names = [f"im{i}" for i in range(n)]
+    for name in names:  # identical samples: only the augmentation tells them apart
+        _write_image(root / "JPEGImages" / f"{name}.jpg", 40, 50, seed=0)
+        _write_mask(root / "SegmentationClass" / f"{name}.png", _mask(40, 50, seed=0))
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+
+
+def test_loader_workers_draw_their_own_augmentations_and_runs_reproduce(tmp_path):
+    """A forked worker copies albumentations' generator: without reseeding, worker 0's and worker 1's
+    i-th crops are identical and two runs with the same seed differ."""
+    from mnv2seg.datamodule import SegDataModule
+
+    _same_image_voc(tmp_path, 8)
+    dm = SegDataModule(root=str(tmp_path), num_classes=21, crop_size=24, batch_size=1, val_batch_size=1,
+                       num_workers=2)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        dm.train_set = None
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        out = [b["images"][0] for b in loader]
+        del loader
+        return out
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same draws
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # batches alternate between the two workers: pairs (0, 1), (2, 3), ... came from different workers
+    assert not any(torch.equal(a[i], a[i + 1]) for i in range(0, len(a), 2))

@@ -1,0 +1,58 @@
+"""DataLoader pieces shared by both tasks: per-worker augmentation seeds and the val sampler.
+
+albumentations' ``Compose`` owns its random generator. A forked DataLoader worker copies it verbatim
+from the parent, so without reseeding every worker repeats the others' draws (worker 0 and 1 crop
+their i-th images identically) and, with an unseeded Compose, two runs with the same seed differ.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+
+def reseed_transform(transform: Any, seed: int) -> bool:
+    """Reseed an albumentations Compose (``set_random_seed``) or a wrapper with ``set_seed``.
+
+    Returns False when ``transform`` has no random state to seed.
+    """
+    for name in ("set_seed", "set_random_seed"):
+        fn = getattr(transform, name, None)
+        if callable(fn):
+            fn(int(seed) % 2**32)
+            return True
+    return False
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker its own augmentation stream.
+
+    ``get_worker_info().seed`` derives from the loader's base seed, so runs under
+    ``seed_everything`` stay reproducible.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # the DataLoader already parallelises over workers
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
+    for attr in ("transforms", "transform"):
+        if reseed_transform(getattr(info.dataset, attr, None), info.seed):
+            break
+    np.random.seed(info.seed % 2**32)
+
+
+def eval_sampler(dataset: Dataset) -> Sampler | None:
+    """Under DDP, a sampler giving each val image to exactly one rank; None in a single process.
+
+    Lightning's default DistributedSampler pads the last ranks with repeated images, which would
+    count them twice in a summed confusion matrix or a gathered COCO evaluation.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)

@@ -155,7 +155,8 @@ class COCODetection:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _read(self, index: int) -> np.ndarray | None:
+    def read_image(self, index: int) -> np.ndarray | None:
+        """(H, W, 3) uint8 RGB of sample ``index`` as stored; None (logged, counted) if unreadable."""
         img_id = self.ids[index]
         path = self.img_dir / self.coco.imgs[img_id]["file_name"]
         try:
@@ -173,7 +174,7 @@ class COCODetection:
             raise IndexError("empty dataset")
         for step in range(n):  # the next readable sample; gives up only if nothing can be read
             i = (index + step) % n
-            image = self._read(i)
+            image = self.read_image(i)
             if image is None:
                 continue
             target = self.target(i)

@@ -64,6 +64,10 @@ class SSDLiteModule(pl.LightningModule):
         self._metrics: dict[str, float] = {}
         self._report: str = ""
         self._eval_info: dict[str, Any] = {}
+        self._val_dataset_ref: Any = None
+        # set by `tools/evaluate.py save_predictions=true`: pictures of the detections go there
+        self.predictions_dir: Path | None = None
+        self.draw_score_threshold: float = 0.3
 
     # ------------------------------------------------------------------------------ helpers
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,6 +125,7 @@ class SSDLiteModule(pl.LightningModule):
             self._evaluator_key = key
             self._eval_info = {"dataset": getattr(dataset, "name", type(dataset).__name__),
                                "num_images": len(dataset.ids), "class_names": list(dataset.class_names)}
+        self._val_dataset_ref = dataset
         self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -159,9 +164,18 @@ class SSDLiteModule(pl.LightningModule):
         return f"{head}\n{self._report}"
 
     def save_evaluation(self, out_dir: str | Path) -> None:
-        """Write ``metrics.json`` and ``detections.json`` (COCO results, original category ids)."""
+        """Write ``metrics.json`` and ``detections.json`` (COCO results, original category ids); with
+        ``predictions_dir`` set, also one picture per val image (mnv2det.visualize)."""
         self.evaluation_metrics()
         self.evaluator.save(out_dir)
+        if self.predictions_dir is not None:
+            from mnv2det.visualize import save_detection_images
+
+            n = save_detection_images(self._val_dataset_ref, self.evaluator.results, self.predictions_dir,
+                                      self.evaluator.category_ids, self.evaluator.class_names,
+                                      score_threshold=self.draw_score_threshold)
+            log.info("%d pictures of detections (score >= %.2f) written to %s", n, self.draw_score_threshold,
+                     self.predictions_dir)
 
     # ------------------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:

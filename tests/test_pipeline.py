@@ -122,15 +122,23 @@ def test_train_then_evaluate_round_trip(tmp_path: Path, task: str) -> None:
 
     # evaluate needs only the checkpoint (+ the data, here the same tiny synthetic set)
     ev = tmp_path / "eval"
-    r = _run("evaluate.py", [f"task={task}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    r = _run("evaluate.py", [f"task={task}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "save_predictions=true",
                              *[a for a in TINY if not a.startswith(("trainer.max", "model."))],
                              *[a for a in TASK_TINY[task] if not a.startswith("model.")]], cache, ev)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     evaluated = json.loads((ev / "metrics.json").read_text())
     assert metric in evaluated
+    # one picture (det: JPEG with boxes) or palette mask (seg: PNG) per val image, at its own size
+    pictures = sorted((ev / "predictions").iterdir())
+    assert len(pictures) == 6 and {p.suffix for p in pictures} == {".jpg" if task == "det" else ".png"}
     if task == "det":
         assert (ev / "detections.json").is_file()
         assert "Average Precision" in r.stdout
+        from PIL import Image
+
+        images = {p.stem: p for p in (cache / "synthetic").rglob("val2017/*.jpg")}
+        for p in pictures:
+            assert Image.open(p).size == Image.open(images[p.stem]).size
 
     # the wrong task is refused with the fix
     r = _run("evaluate.py", ["task=" + ("seg" if task == "det" else "det"),

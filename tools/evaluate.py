@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint: `python tools/evaluate.py task=det|seg ckpt_path=CKPT [data=...]`.
 
-Prints the task's table and writes metrics.json (det: also detections.json; seg with
-save_predictions=true: predicted masks) into the run dir.
+Prints the task's table and writes metrics.json (det: also detections.json) into the run dir. With
+save_predictions=true also RUN_DIR/predictions/: det, each val image with its detections drawn
+(score >= draw_score_threshold, ground truth in white); seg, the predicted masks as VOC palette PNGs.
 """
 import hydra
 from omegaconf import DictConfig

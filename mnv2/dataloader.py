@@ -1,4 +1,4 @@
-"""DataLoader pieces shared by both tasks: per-worker augmentation seeds and the val sampler.
+"""The DataLoader both tasks use: per-worker augmentation seeds, the DDP val sampler, `make_loader`.
 
 albumentations' ``Compose`` owns its random generator. A forked DataLoader worker copies it verbatim
 from the parent, so without reseeding every worker repeats the others' draws (worker 0 and 1 crop
@@ -6,12 +6,12 @@ their i-th images identically) and, with an unseeded Compose, two runs with the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def reseed_transform(transform: Any, seed: int) -> bool:
@@ -56,3 +56,16 @@ def eval_sampler(dataset: Dataset) -> Sampler | None:
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int,
+                collate_fn: Callable[[list[Any]], Any], pin_memory: bool = True) -> DataLoader:
+    """Train: shuffled, last partial batch dropped (a 1-sample batch breaks BatchNorm). Val: in
+    order, every image once over all DDP ranks (:func:`eval_sampler`). Workers are persistent and
+    reseeded (:func:`seed_worker`)."""
+    sampler = None if train else eval_sampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory and torch.cuda.is_available(),
+                      drop_last=train and len(dataset) > batch_size,
+                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0)

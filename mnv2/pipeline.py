@@ -161,8 +161,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                         "evaluate with the checkpoint's own model config (drop model.* overrides that change the architecture)")
     if cfg.get("save_predictions"):
         module.predictions_dir = out_dir / "predictions"
-        if hasattr(module, "draw_score_threshold"):
-            module.draw_score_threshold = float(cfg.get("draw_score_threshold", 0.3))
     datamodule = build(cfg.data, "data")
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     trainer.validate(module, datamodule=datamodule, verbose=False)

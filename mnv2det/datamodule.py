@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mnv2.dataloader import eval_sampler, seed_worker
+from mnv2.dataloader import make_loader
 from mnv2.errors import ConfigError, DataError
 from mnv2det.dataset import COCODetection
 from mnv2det.transforms import build_eval_transform, build_train_transform, check_augment, normalization
@@ -161,13 +161,7 @@ class DetDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------- loaders
     def _loader(self, dataset: COCODetection, batch_size: int, train: bool) -> DataLoader:
-        sampler = None if train else eval_sampler(dataset)  # COCOEvaluator drops repeats too
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
-                          num_workers=self.num_workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          drop_last=train and len(dataset) > batch_size,  # no 1-image BN batches
-                          collate_fn=collate_detections, worker_init_fn=seed_worker,
-                          persistent_workers=self.num_workers > 0)
+        return make_loader(dataset, batch_size, train, self.num_workers, collate_detections, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

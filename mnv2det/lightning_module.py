@@ -64,8 +64,8 @@ class SSDLiteModule(pl.LightningModule):
         self._metrics: dict[str, float] = {}
         self._report: str = ""
         self._eval_info: dict[str, Any] = {}
-        self._val_dataset_ref: Any = None
-        # set by `tools/evaluate.py save_predictions=true`: pictures of the detections go there
+        # set by `tools/evaluate.py save_predictions=true`: pictures of the detections go there,
+        # drawing those scoring at least draw_score_threshold
         self.predictions_dir: Path | None = None
         self.draw_score_threshold: float = 0.3
 
@@ -125,7 +125,6 @@ class SSDLiteModule(pl.LightningModule):
             self._evaluator_key = key
             self._eval_info = {"dataset": getattr(dataset, "name", type(dataset).__name__),
                                "num_images": len(dataset.ids), "class_names": list(dataset.class_names)}
-        self._val_dataset_ref = dataset
         self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -171,7 +170,7 @@ class SSDLiteModule(pl.LightningModule):
         if self.predictions_dir is not None:
             from mnv2det.visualize import save_detection_images
 
-            n = save_detection_images(self._val_dataset_ref, self.evaluator.results, self.predictions_dir,
+            n = save_detection_images(self._val_dataset(), self.evaluator.results, self.predictions_dir,
                                       self.evaluator.category_ids, self.evaluator.class_names,
                                       score_threshold=self.draw_score_threshold)
             log.info("%d pictures of detections (score >= %.2f) written to %s", n, self.draw_score_threshold,

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mnv2.dataloader import eval_sampler, reseed_transform, seed_worker
+from mnv2.dataloader import make_loader, reseed_transform
 from mnv2.errors import ConfigError
 from mnv2seg.dataset import VOCSegmentation, class_names_for, voc_palette
 from mnv2seg.transforms import collate, eval_transform, train_transform
@@ -109,13 +109,7 @@ class SegDataModule(pl.LightningDataModule):
                      "ignore_index": 255, "normalize": self.normalize}
 
     def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> DataLoader:
-        sampler = None if train else eval_sampler(dataset)
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=train and len(dataset) > batch_size,  # BN in the pooling branch needs > 1 sample
-            persistent_workers=self.num_workers > 0, worker_init_fn=seed_worker if self.num_workers > 0 else None,
-        )
+        return make_loader(dataset, batch_size, train, self.num_workers, collate, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

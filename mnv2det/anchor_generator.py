@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 
 
 class DefaultBoxGenerator(nn.Module):
@@ -41,12 +41,12 @@ class DefaultBoxGenerator(nn.Module):
                  interpolated_scale_aspect_ratio: float = 1.0, num_layers: int = 6) -> None:
         super().__init__()
         if not 0 < min_scale <= max_scale:
-            raise ConfigError("model.anchor.min_scale", f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}",
+            raise ArgumentError("min_scale", f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}",
                               "use e.g. min_scale=0.2, max_scale=0.95")
         if num_layers < 1:
-            raise ConfigError("model.anchor.num_layers", f"must be >= 1, got {num_layers}")
+            raise ArgumentError("num_layers", f"must be >= 1, got {num_layers}")
         if not aspect_ratios or any(float(a) <= 0 for a in aspect_ratios):
-            raise ConfigError("model.anchor.aspect_ratios", f"need positive ratios, got {list(aspect_ratios)}",
+            raise ArgumentError("aspect_ratios", f"need positive ratios, got {list(aspect_ratios)}",
                               "use e.g. [1.0, 2.0, 0.5, 3.0, 0.3333]")
         self.min_scale = float(min_scale)
         self.max_scale = float(max_scale)
@@ -83,7 +83,7 @@ class DefaultBoxGenerator(nn.Module):
     def _check_sizes(self, feature_map_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         sizes = tuple((int(h), int(w)) for h, w in feature_map_sizes)
         if len(sizes) != self.num_layers:
-            raise ConfigError("model.anchor.num_layers",
+            raise ArgumentError("num_layers",
                               f"anchor generator has {self.num_layers} layers but got {len(sizes)} feature maps",
                               "make num_layers equal to the number of feature maps")
         return sizes

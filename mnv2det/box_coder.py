@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 
 # Clamp on the size deltas before exp (as torchvision): keeps decode finite for wild predictions.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -33,10 +33,10 @@ class BoxCoder:
     def __init__(self, weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), order: str = "xy",
                  clip: float = BBOX_XFORM_CLIP) -> None:
         if order not in ("xy", "yx"):
-            raise ConfigError("model.box_code_order", f"must be 'xy' or 'yx', got {order!r}",
+            raise ArgumentError("order", f"must be 'xy' or 'yx', got {order!r}",
                               "use 'xy' for own models, 'yx' for TF-imported weights")
         if len(weights) != 4 or any(float(w) <= 0 for w in weights):
-            raise ConfigError("model.box_coder_weights", f"need 4 positive numbers, got {list(weights)}",
+            raise ArgumentError("weights", f"need 4 positive numbers, got {list(weights)}",
                               "use [10, 10, 5, 5]")
         self.weights = tuple(float(w) for w in weights)
         self.order = order

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 
 # Names of COCOeval.stats in order (bbox): AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl.
 STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",

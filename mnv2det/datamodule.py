@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mnv2.dataloader import make_loader
-from mnv2.errors import ConfigError, DataError
+from backbone.training.dataloader import make_loader
+from backbone.errors import ConfigError, DataError
 from mnv2det.dataset import COCODetection
-from mnv2det.transforms import build_eval_transform, build_train_transform, check_augment, normalization
+from backbone.errors import ArgumentError
+from backbone.normalization import NormalizeSpec, resolve_normalization
+from mnv2det.transforms import build_eval_transform, build_train_transform, check_augment
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class DetDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str, train_split: str = "train2017", val_split: str = "val2017", image_size: int = 300,
                  batch_size: int = 32, num_workers: int = 2, pin_memory: bool = True,
-                 augment: dict[str, Any] | None = None, normalize: str = "imagenet",
+                 augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, val_batch_size: int | None = None,
                  num_classes: int | None = None) -> None:
         super().__init__()
@@ -88,7 +90,10 @@ class DetDataModule(pl.LightningDataModule):
         self.num_workers = self._int("num_workers", num_workers, 0)
         self.pin_memory = bool(pin_memory)
         self.augment = check_augment(augment)
-        normalization(normalize)
+        try:
+            resolve_normalization(normalize)
+        except ArgumentError as e:
+            raise e.to_config_error("data") from None
         self.normalize = normalize
         self.synthetic = self._check_synthetic(synthetic)
         self.num_classes = self._int("num_classes", num_classes, 1) if num_classes is not None else None
@@ -128,7 +133,7 @@ class DetDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the synthetic set when configured (rank 0 only; cached across runs)."""
         if self.synthetic is not None:
-            from mnv2.synthetic import ensure_synthetic
+            from backbone.training.synthetic import ensure_synthetic
 
             kw = dict(self.synthetic)
             out = kw.pop("out")

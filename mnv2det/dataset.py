@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 Per feature map i, two predictors, each a 3x3 depthwise conv (BN, ReLU6) then a 1x1 conv with bias:
 
     TF name                                              module here
-    BoxPredictor_{i}/BoxEncodingPredictor_depthwise/...  box_head[i].depthwise.{conv,bn}
+    BoxPredictor_{i}/BoxEncodingPredictor_depthwise/...  box_head[i].depthwise.{0 conv,1 bn}
     BoxPredictor_{i}/BoxEncodingPredictor/{weights,biases}  box_head[i].pointwise.{weight,bias}
-    BoxPredictor_{i}/ClassPredictor_depthwise/...        cls_head[i].depthwise.{conv,bn}
+    BoxPredictor_{i}/ClassPredictor_depthwise/...        cls_head[i].depthwise.{0 conv,1 bn}
     BoxPredictor_{i}/ClassPredictor/{weights,biases}     cls_head[i].pointwise.{weight,bias}
 
 Outputs are flattened like TF: channels of a location are (anchor, code), so
@@ -21,26 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from backbone.padding import make_conv2d
-from mnv2.errors import ConfigError
+from backbone.layers import ConvBNAct
+from backbone.errors import ArgumentError
 
 INITS = ("tf", "xavier")
-
-
-class ConvBNAct(nn.Module):
-    """conv (no bias) -> BatchNorm -> ReLU6 (TF slim conv with batch_norm + relu6)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 groups: int = 1, padding: str = "torch", bn_eps: float = 1e-3, bn_momentum: float = 0.03) -> None:
-        super().__init__()
-        self.conv = make_conv2d(in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False,
-                                padding=padding)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
-        self.act = nn.ReLU6(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
-        return self.act(self.bn(self.conv(x)))
 
 
 class SeparablePredictor(nn.Module):
@@ -79,12 +63,12 @@ class SSDLiteHead(nn.Module):
                  cls_bias_prior: float | None = None) -> None:
         super().__init__()
         if len(in_channels) != len(num_anchors):
-            raise ConfigError("model.anchor", f"{len(in_channels)} feature maps but anchors for {len(num_anchors)}",
+            raise ArgumentError("num_anchors", f"{len(in_channels)} feature maps but anchors for {len(num_anchors)}",
                               "make the anchor generator's num_layers equal to the number of feature maps")
         if init not in INITS:
-            raise ConfigError("model.head.init", f"must be one of {list(INITS)}, got {init!r}")
+            raise ArgumentError("init", f"must be one of {list(INITS)}, got {init!r}")
         if cls_bias_prior is not None and not 0 < cls_bias_prior < 1:
-            raise ConfigError("model.head.cls_bias_prior", f"must be in (0, 1) or null, got {cls_bias_prior}",
+            raise ArgumentError("cls_bias_prior", f"must be in (0, 1) or null, got {cls_bias_prior}",
                               "use 0.01 or null")
         self.num_classes = int(num_classes)
         bn = dict(padding=padding, bn_eps=bn_eps, bn_momentum=bn_momentum)

@@ -17,8 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from mnv2.errors import ConfigError
-from mnv2.optim import build_optimizer, build_scheduler, param_groups
+from backbone.errors import ArgumentError, ConfigError
+from backbone.training.optim import build_optimizer, build_scheduler, param_groups
 from mnv2det.coco_eval import COCOEvaluator
 from mnv2det.ssdlite import build_ssdlite
 
@@ -55,7 +55,7 @@ class SSDLiteModule(pl.LightningModule):
         self.optimizer_cfg = {**OPTIMIZER_DEFAULTS, **dict(optimizer or {})}
         self.scheduler_cfg = {**SCHEDULER_DEFAULTS, **dict(scheduler or {})}
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-            raise ConfigError("model.image_size", f"must be an integer >= 32, got {image_size!r}", "e.g. 300")
+            raise ArgumentError("image_size", f"must be an integer >= 32, got {image_size!r}", "e.g. 300")
         self.model = build_ssdlite({"num_classes": num_classes, "backbone": dict(backbone or {}),
                                     "image_size": image_size, "score_converter": score_converter,
                                     "normalize": normalize, **model})

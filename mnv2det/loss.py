@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 
 
 def hard_negative_mask(cls_loss: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
@@ -73,17 +73,15 @@ class SSDLoss(nn.Module):
                  box_loss: str = "smooth_l1", beta: float = 1.0, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, min_negatives_per_image: int = 3, train_background: bool = True) -> None:
         super().__init__()
-        if score_converter not in ("softmax", "sigmoid"):
-            raise ConfigError("model.score_converter", f"must be 'softmax' or 'sigmoid', got {score_converter!r}")
         if cls_loss not in ("ce", "focal"):
-            raise ConfigError("model.loss.cls_loss", f"must be 'ce' or 'focal', got {cls_loss!r}")
+            raise ArgumentError("cls_loss", f"must be 'ce' or 'focal', got {cls_loss!r}")
         if cls_loss == "focal" and score_converter != "sigmoid":
-            raise ConfigError("model.loss.cls_loss", "focal loss needs score_converter='sigmoid'",
+            raise ArgumentError("cls_loss", "focal needs score_converter='sigmoid'",
                               "set model.score_converter=sigmoid or model.loss.cls_loss=ce")
         if box_loss not in ("smooth_l1", "l1"):
-            raise ConfigError("model.loss.box_loss", f"must be 'smooth_l1' or 'l1', got {box_loss!r}")
+            raise ArgumentError("box_loss", f"must be 'smooth_l1' or 'l1', got {box_loss!r}")
         if neg_pos_ratio <= 0:
-            raise ConfigError("model.loss.neg_pos_ratio", f"must be > 0, got {neg_pos_ratio}", "use 3")
+            raise ArgumentError("neg_pos_ratio", f"must be > 0, got {neg_pos_ratio}", "use 3")
         self.score_converter = score_converter
         self.cls_loss = cls_loss
         self.neg_pos_ratio = float(neg_pos_ratio)

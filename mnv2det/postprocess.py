@@ -21,7 +21,17 @@ import torch
 import torchvision
 
 from mnv2det.box_coder import BoxCoder
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
+
+
+SCORE_CONVERTERS = ("softmax", "sigmoid")
+
+
+def check_score_converter(score_converter: str) -> str:
+    """The one check of ``score_converter`` (SSDLite runs it; loss and post-processing trust it)."""
+    if score_converter not in SCORE_CONVERTERS:
+        convert_scores(torch.zeros(1, 1, 2), score_converter)  # raises the ArgumentError
+    return score_converter
 
 
 def convert_scores(cls_logits: torch.Tensor, score_converter: str) -> torch.Tensor:
@@ -30,7 +40,8 @@ def convert_scores(cls_logits: torch.Tensor, score_converter: str) -> torch.Tens
         return cls_logits.float().softmax(dim=-1)[..., 1:]
     if score_converter == "sigmoid":
         return cls_logits.float()[..., 1:].sigmoid()
-    raise ConfigError("model.score_converter", f"must be 'softmax' or 'sigmoid', got {score_converter!r}")
+    raise ArgumentError("score_converter", f"must be one of {list(SCORE_CONVERTERS)}, got {score_converter!r}",
+                        "softmax (CE + hard negative mining) or sigmoid (TF ssdlite)")
 
 
 def batched_nms_single_call(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
@@ -66,11 +77,11 @@ class PostProcessor:
                  pre_nms_top_k: int | None = 1000, score_converter: str = "softmax",
                  box_coder: BoxCoder | None = None, clip_before_nms: bool = False) -> None:
         if not 0 < nms_iou <= 1:
-            raise ConfigError("model.postprocess.nms_iou", f"must be in (0, 1], got {nms_iou}", "use 0.6")
+            raise ArgumentError("nms_iou", f"must be in (0, 1], got {nms_iou}", "use 0.6")
         if max_detections < 1:
-            raise ConfigError("model.postprocess.max_detections", f"must be >= 1, got {max_detections}", "use 100")
+            raise ArgumentError("max_detections", f"must be >= 1, got {max_detections}", "use 100")
         if pre_nms_top_k is not None and pre_nms_top_k < 1:
-            raise ConfigError("model.postprocess.pre_nms_top_k", f"must be >= 1 or null, got {pre_nms_top_k}")
+            raise ArgumentError("pre_nms_top_k", f"must be >= 1 or null, got {pre_nms_top_k}")
         self.score_threshold = float(score_threshold)
         self.nms_iou = float(nms_iou)
         self.max_detections = int(max_detections)
@@ -78,7 +89,6 @@ class PostProcessor:
         self.score_converter = score_converter
         self.clip_before_nms = bool(clip_before_nms)
         self.box_coder = box_coder if box_coder is not None else BoxCoder()
-        convert_scores(torch.zeros(1, 1, 2), score_converter)  # validate early
 
     @torch.no_grad()
     def __call__(self, cls_logits: torch.Tensor, bbox_regression: torch.Tensor, anchors: torch.Tensor,

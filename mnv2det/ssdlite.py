@@ -8,9 +8,9 @@ Feature maps (TF `ssd_mobilenet_v2` feature extractor, layer_depth [-1, -1, 512,
 Map sizes at 300: 19, 10, 5, 3, 2, 1 (1917 anchors); at 320: 20, 10, 5, 3, 2, 1 (2034 anchors).
 
 Extra-layer names vs TF (`FeatureExtractor/MobilenetV2/...`, j = 2..5 for extras[j - 2]):
-    layer_19_1_Conv2d_{j}_1x1_{depth/2}               extras[j-2].reduce.{conv,bn}
-    layer_19_2_Conv2d_{j}_3x3_s2_{depth}_depthwise     extras[j-2].depthwise.{conv,bn}
-    layer_19_2_Conv2d_{j}_3x3_s2_{depth}               extras[j-2].pointwise.{conv,bn}
+    layer_19_1_Conv2d_{j}_1x1_{depth/2}               extras[j-2].reduce.{0 conv,1 bn}
+    layer_19_2_Conv2d_{j}_3x3_s2_{depth}_depthwise     extras[j-2].depthwise.{0 conv,1 bn}
+    layer_19_2_Conv2d_{j}_3x3_s2_{depth}               extras[j-2].pointwise.{0 conv,1 bn}
 Head names: see mnv2det/head.py. Backbone: `backbone.features.N` (torchvision layout).
 
 Inside the model, boxes are normalised xyxy in [0, 1] of the network input; `postprocess` scales
@@ -26,53 +26,29 @@ import torch
 from torch import nn
 
 from backbone import build_backbone
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import ArgumentError, DataError, argument_scope
+from backbone.normalization import resolve_normalization
 from mnv2det.anchor_generator import DefaultBoxGenerator
 from mnv2det.box_coder import BoxCoder
-from mnv2det.head import ConvBNAct, SSDLiteHead
+from backbone.layers import ConvBNAct
+from mnv2det.head import SSDLiteHead
 from mnv2det.loss import SSDLoss
 from mnv2det.matcher import IGNORE, match
-from mnv2det.postprocess import PostProcessor
+from mnv2det.postprocess import PostProcessor, check_score_converter
 
 # Taps SSDLite reads from the backbone (TF ssd_mobilenet_v2 feature_map_layout)
 FEATURE_TAPS = ("layer_15/expansion_output", "layer_19")
 
-# Input normalisation, applied by the data pipeline to images scaled to [0, 1]: (x - mean) / std
-NORMALIZE_PRESETS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision-pretrained backbone
-    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TF: x / 127.5 - 1 on 0..255 pixels
-}
-
-
-def _make(cls: type, kwargs: Mapping[str, Any] | None, key: str, **fixed: Any) -> Any:
-    """cls(**kwargs, **fixed), turning unknown keys into a ConfigError naming `key`."""
+def _make(cls: type, kwargs: Mapping[str, Any] | None, arg: str, **fixed: Any) -> Any:
+    """cls(**kwargs, **fixed) for the sub-component built from argument ``arg``: unknown keys and the
+    component's own ArgumentErrors are reported as ``arg.key``."""
     kwargs = dict(kwargs or {})
-    params = inspect.signature(cls.__init__).parameters
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in fixed]
     for k in kwargs:
-        if k not in params or k == "self" or k in fixed:
-            allowed = [p for p in params if p != "self" and p not in fixed]
-            raise ConfigError(f"{key}.{k}", "unknown key", f"valid keys: {', '.join(allowed)}")
-    return cls(**kwargs, **fixed)
-
-
-def resolve_normalize(normalize: Mapping[str, Any] | str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """normalize: "imagenet" | "tf" | {"mode": ...} | {"mean": [3], "std": [3]} -> (mean, std) for [0, 1] images."""
-    if normalize is None:
-        normalize = "imagenet"
-    if isinstance(normalize, str):
-        normalize = {"mode": normalize}
-    normalize = dict(normalize)
-    if "mean" in normalize or "std" in normalize:
-        mean, std = normalize.get("mean"), normalize.get("std")
-        if mean is None or std is None or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError("model.normalize", f"need 3 means and 3 positive stds, got mean={mean} std={std}",
-                              "e.g. {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]} or {mode: tf}")
-        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    mode = normalize.get("mode", "imagenet")
-    if mode not in NORMALIZE_PRESETS:
-        raise ConfigError("model.normalize.mode", f"must be one of {list(NORMALIZE_PRESETS)}, got {mode!r}",
-                          "use imagenet (torchvision weights) or tf (TF-trained weights)")
-    return NORMALIZE_PRESETS[mode]
+        if k not in params:
+            raise ArgumentError(f"{arg}.{k}" if arg else k, "is not a setting", f"valid keys: {', '.join(params)}")
+    with argument_scope(arg):
+        return cls(**kwargs, **fixed)
 
 
 class ExtraBlock(nn.Module):
@@ -121,22 +97,21 @@ class SSDLite(nn.Module):
                  head: Mapping[str, Any] | None = None, min_depth: int = 16) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError("model.num_classes", f"must be a positive integer, got {num_classes!r}",
+            raise ArgumentError("num_classes", f"must be a positive integer, got {num_classes!r}",
                               "use the number of object classes without background (COCO: 80)")
-        if score_converter not in ("softmax", "sigmoid"):
-            raise ConfigError("model.score_converter", f"must be 'softmax' or 'sigmoid', got {score_converter!r}")
         self.num_classes = num_classes
-        self.score_converter = score_converter
+        self.score_converter = check_score_converter(score_converter)
         self.image_size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(
             int(s) for s in image_size)
-        self.normalize_mean, self.normalize_std = resolve_normalize(normalize)
+        self.normalize_mean, self.normalize_std = resolve_normalization(normalize)
 
         bb_cfg = dict(backbone or {})
         if "out_features" in bb_cfg and tuple(bb_cfg["out_features"]) != FEATURE_TAPS:
-            raise ConfigError("model.backbone.out_features", f"SSDLite reads {list(FEATURE_TAPS)}",
+            raise ArgumentError("backbone.out_features", f"must be {list(FEATURE_TAPS)} (the maps SSDLite reads)",
                               "remove out_features from the detection backbone config")
         bb_cfg["out_features"] = list(FEATURE_TAPS)
-        self.backbone = build_backbone(**bb_cfg)
+        with argument_scope("backbone"):
+            self.backbone = build_backbone(**bb_cfg)
         padding = bb_cfg.get("padding", "torch")
         bn = dict(padding=padding, bn_eps=float(bb_cfg.get("bn_eps", 1e-5)),
                   bn_momentum=float(bb_cfg.get("bn_momentum", 0.1)))
@@ -158,23 +133,26 @@ class SSDLite(nn.Module):
 
         anchor_cfg = dict(anchor or {})
         anchor_cfg.setdefault("num_layers", len(in_ch))
-        self.anchor_generator = _make(DefaultBoxGenerator, anchor_cfg, "model.anchor")
-        self.box_coder = BoxCoder(box_coder_weights, box_code_order)
+        self.anchor_generator = _make(DefaultBoxGenerator, anchor_cfg, "anchor")
+        try:
+            self.box_coder = BoxCoder(box_coder_weights, box_code_order)
+        except ArgumentError as e:
+            raise ArgumentError({"weights": "box_coder_weights", "order": "box_code_order"}[e.arg], e.problem, e.fix) from None
 
-        self.loss_fn = _make(SSDLoss, loss, "model.loss", score_converter=score_converter)
+        self.loss_fn = _make(SSDLoss, loss, "loss", score_converter=score_converter)
         head_cfg = dict(head or {})
         prior = head_cfg.get("cls_bias_prior", "auto")
         if prior == "auto":
             head_cfg["cls_bias_prior"] = 0.01 if self.loss_fn.cls_loss == "focal" else None
-        self.head = _make(SSDLiteHead, head_cfg, "model.head", in_channels=in_ch,
+        self.head = _make(SSDLiteHead, head_cfg, "head", in_channels=in_ch,
                           num_anchors=self.anchor_generator.num_anchors_per_location(), num_classes=num_classes,
                           **bn)
         self.matcher_cfg = dict(iou_threshold=0.5, negative_threshold=0.5, force_match=True)
         for k, v in dict(matcher or {}).items():
             if k not in self.matcher_cfg:
-                raise ConfigError(f"model.matcher.{k}", "unknown key", f"valid keys: {', '.join(self.matcher_cfg)}")
+                raise ArgumentError(f"matcher.{k}", "is not a setting", f"valid keys: {', '.join(self.matcher_cfg)}")
             self.matcher_cfg[k] = v
-        self.postprocessor = _make(PostProcessor, postprocess, "model.postprocess",
+        self.postprocessor = _make(PostProcessor, postprocess, "postprocess",
                                    score_converter=score_converter, box_coder=self.box_coder)
 
         # the extras get TF's init too (the backbone keeps its own / pretrained weights)
@@ -262,5 +240,5 @@ class SSDLite(nn.Module):
 
 
 def build_ssdlite(cfg: Mapping[str, Any]) -> SSDLite:
-    """SSDLite from a plain dict of the constructor's keyword arguments (unknown keys -> ConfigError)."""
-    return _make(SSDLite, cfg, "model")
+    """SSDLite from a plain dict of the constructor's keyword arguments (unknown keys -> ArgumentError)."""
+    return _make(SSDLite, cfg, "")

@@ -22,11 +22,11 @@ Name tables (prefix FE = FeatureExtractor/MobilenetV2):
     FE/expanded_conv_N/{expand,depthwise,project}
                                           backbone.features.{N+1}.conv.{0.0/0.1, 1.0/1.1, 2/3}
     FE/Conv_1                             backbone.features.18.{0, 1}
-    FE/layer_19_1_Conv2d_J_1x1_D          extras.{J-2}.reduce.{conv,bn}
-    FE/layer_19_2_Conv2d_J_3x3_s2_D_depthwise  extras.{J-2}.depthwise.{conv,bn}
-    FE/layer_19_2_Conv2d_J_3x3_s2_D       extras.{J-2}.pointwise.{conv,bn}
+    FE/layer_19_1_Conv2d_J_1x1_D          extras.{J-2}.reduce.{0,1}
+    FE/layer_19_2_Conv2d_J_3x3_s2_D_depthwise  extras.{J-2}.depthwise.{0,1}
+    FE/layer_19_2_Conv2d_J_3x3_s2_D       extras.{J-2}.pointwise.{0,1}
     BoxPredictor_I/{BoxEncodingPredictor,ClassPredictor}_depthwise
-                                          head.{box,cls}_head.I.depthwise.{conv,bn}
+                                          head.{box,cls}_head.I.depthwise.{0,1}
     BoxPredictor_I/{BoxEncodingPredictor,ClassPredictor}/{weights,biases}
                                           head.{box,cls}_head.I.pointwise.{weight,bias}
 An unknown or partial graph raises DataError listing the TF tensors it could not map and the
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 
 FE = "FeatureExtractor/MobilenetV2"
 LIGHTNING_TARGET = "mnv2det.lightning_module.SSDLiteModule"
@@ -646,19 +646,19 @@ def tf_name_table(model: torch.nn.Module) -> dict[str, tuple[str, Callable[[np.n
 
     for j, block in enumerate(model.extras):
         ours, n = f"extras.{j}", j + 2
-        mid, out = block.reduce.conv.out_channels, block.out_channels
+        mid, out = block.reduce.out_channels, block.out_channels
         for part, tf, fn in (("reduce", f"{FE}/layer_19_1_Conv2d_{n}_1x1_{mid}", _conv),
                              ("depthwise", f"{FE}/layer_19_2_Conv2d_{n}_3x3_s2_{out}_depthwise", _depthwise),
                              ("pointwise", f"{FE}/layer_19_2_Conv2d_{n}_3x3_s2_{out}", _conv)):
             wname = "depthwise_weights" if fn is _depthwise else "weights"
-            table[f"{ours}.{part}.conv.weight"] = (f"{tf}/{wname}", fn)
-            _bn(tf, f"{ours}.{part}.bn", table)
+            table[f"{ours}.{part}.0.weight"] = (f"{tf}/{wname}", fn)
+            _bn(tf, f"{ours}.{part}.1", table)
 
     for head, tf_head in (("box_head", "BoxEncodingPredictor"), ("cls_head", "ClassPredictor")):
         for i, _ in enumerate(getattr(model.head, head)):
             ours, tf = f"head.{head}.{i}", f"BoxPredictor_{i}/{tf_head}"
-            table[f"{ours}.depthwise.conv.weight"] = (f"{tf}_depthwise/depthwise_weights", _depthwise)
-            _bn(f"{tf}_depthwise", f"{ours}.depthwise.bn", table)
+            table[f"{ours}.depthwise.0.weight"] = (f"{tf}_depthwise/depthwise_weights", _depthwise)
+            _bn(f"{tf}_depthwise", f"{ours}.depthwise.1", table)
             table[f"{ours}.pointwise.weight"] = (f"{tf}/weights", _conv)
             table[f"{ours}.pointwise.bias"] = (f"{tf}/biases", _same)
     return table
@@ -768,14 +768,14 @@ def checkpoint_dict(result: ImportResult, source: str | Path | None = None) -> d
     "mnv2" is `mnv2.checkpoint.run_info("det", {"model": config}, meta)`, so tools/evaluate.py
     rebuilds SSDLiteModule from it and loads the state dict into `self.model`.
     """
-    from mnv2.checkpoint import run_info
+    from backbone.training.checkpoint import run_info
 
     state = {f"model.{k}": v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
     info = result.info.as_dict()
     info.pop("anchor_layers", None)
     extra: dict[str, Any] = {"info": info}
     if source is not None:
-        from mnv2.assets import sha256_file
+        from backbone.training.downloads import sha256_file
 
         extra.update(graph=str(source), graph_sha256=sha256_file(source))
     return {"state_dict": state, "mnv2": run_info("det", {"model": result.config}, result.meta), "tf_import": extra}

@@ -23,12 +23,8 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from mnv2.errors import ConfigError
-
-NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x / 127.5 - 1, as TF's MobileNet preprocessing
-}
+from backbone.errors import ConfigError
+from backbone.normalization import NormalizeSpec, resolve_normalization
 
 # Defaults of `data.augment` (SSD's recipe). Probabilities of 0 switch a step off.
 AUGMENT_DEFAULTS: dict[str, Any] = {
@@ -46,13 +42,6 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
     "hflip_p": 0.5,
     "min_visibility": 0.0,
 }
-
-
-def normalization(name: str, key: str = "data.normalize") -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) in [0, 1] units for 'imagenet' | 'tf'."""
-    if name not in NORMALIZATION:
-        raise ConfigError(key, f"unknown normalisation {name!r}", f"use one of {', '.join(NORMALIZATION)}")
-    return NORMALIZATION[name]
 
 
 def check_augment(augment: dict[str, Any] | None, key: str = "data.augment") -> dict[str, Any]:
@@ -253,11 +242,11 @@ def _bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
                         min_width=1.0, min_height=1.0, clip=True)
 
 
-def build_train_transform(image_size: int, normalize: str = "imagenet", augment: dict[str, Any] | None = None,
+def build_train_transform(image_size: int, normalize: NormalizeSpec = "imagenet", augment: dict[str, Any] | None = None,
                           seed: int | None = None) -> DetectionTransform:
     """SSD training augmentation; ``augment`` overrides :data:`AUGMENT_DEFAULTS`."""
     cfg = check_augment(augment)
-    mean, std = normalization(normalize)
+    mean, std = resolve_normalization(normalize)
     fill = tuple(round(m * 255) for m in mean)  # zoom-out canvas = mean colour (0 after normalising)
     ops: list[A.BasicTransform] = []
     if cfg["photometric_p"] > 0:
@@ -275,9 +264,9 @@ def build_train_transform(image_size: int, normalize: str = "imagenet", augment:
     return DetectionTransform(A.Compose(ops, bbox_params=_bbox_params(cfg["min_visibility"]), seed=seed))
 
 
-def build_eval_transform(image_size: int, normalize: str = "imagenet") -> DetectionTransform:
+def build_eval_transform(image_size: int, normalize: NormalizeSpec = "imagenet") -> DetectionTransform:
     """Resize to ``image_size`` x ``image_size``, normalise, to tensor (deterministic)."""
-    mean, std = normalization(normalize)
+    mean, std = resolve_normalization(normalize)
     ops = [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR),
            A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
     return DetectionTransform(A.Compose(ops, bbox_params=_bbox_params(), seed=0))

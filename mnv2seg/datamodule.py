@@ -8,9 +8,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mnv2.dataloader import make_loader, reseed_transform
-from mnv2.errors import ConfigError
-from mnv2seg.dataset import VOCSegmentation, class_names_for, voc_palette
+from backbone.training.dataloader import make_loader, reseed_transform
+from backbone.errors import ArgumentError, ConfigError
+from backbone.normalization import NormalizeSpec
+from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
+from mnv2seg.dataset import VOCSegmentation
 from mnv2seg.transforms import collate, eval_transform, train_transform
 
 
@@ -37,7 +39,7 @@ class SegDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str, train_split: str = "train", val_split: str = "val", sbd_root: str | None = None,
                  num_classes: int = 21, crop_size: int = 513, batch_size: int = 16, val_batch_size: int = 4,
-                 num_workers: int = 4, augment: dict[str, Any] | None = None, normalize: str = "imagenet",
+                 num_workers: int = 4, augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, class_names: Sequence[str] | None = None,
                  check_masks: bool = False, pin_memory: bool = True) -> None:
         super().__init__()
@@ -70,11 +72,14 @@ class SegDataModule(pl.LightningDataModule):
         self.val_set: VOCSegmentation | None = None
         self.meta: dict[str, Any] = {}
         # fail on bad transform settings now, not in a worker
-        train_transform(crop_size, float(aug["scale_min"]), float(aug["scale_max"]), bool(aug["hflip"]), normalize)
+        try:
+            train_transform(crop_size, float(aug["scale_min"]), float(aug["scale_max"]), bool(aug["hflip"]), normalize)
+        except ArgumentError as e:
+            raise e.to_config_error("data") from None
 
     def prepare_data(self) -> None:
         if self.synthetic:
-            from mnv2.synthetic import ensure_synthetic
+            from backbone.training.synthetic import ensure_synthetic
 
             kw = dict(self.synthetic)
             out = kw.pop("root", None) or kw.pop("out", None)
@@ -84,11 +89,14 @@ class SegDataModule(pl.LightningDataModule):
 
     def _names(self) -> list[str]:
         if self.class_names is None and self.synthetic:
-            from mnv2.synthetic import CLASS_NAMES
+            from backbone.training.synthetic import CLASS_NAMES
 
             if self.num_classes == len(CLASS_NAMES) + 1:
                 return ["background", *CLASS_NAMES]
-        return class_names_for(self.num_classes, self.class_names)
+        try:
+            return class_names_for(self.num_classes, self.class_names)
+        except ValueError as e:
+            raise ConfigError("data.class_names", str(e)) from None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -106,7 +114,7 @@ class SegDataModule(pl.LightningDataModule):
                 if ds is not None and ds.num_bad == 0:
                     ds.check_all()
         self.meta = {"class_names": self._names(), "palette": voc_palette().tolist(), "num_classes": self.num_classes,
-                     "ignore_index": 255, "normalize": self.normalize}
+                     "ignore_index": IGNORE_INDEX, "normalize": self.normalize}
 
     def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> DataLoader:
         return make_loader(dataset, batch_size, train, self.num_workers, collate, self.pin_memory)

@@ -25,36 +25,22 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import DataError
+from backbone.training.voc_format import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 SPLITS = ("train", "val", "trainval", "trainaug")
 ON_BAD = ("replace", "ignore", "raise")
 
-VOC_CLASS_NAMES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
 
 
 class BadSampleWarning(UserWarning):
     """A sample was skipped because its mask is malformed (the message names the file)."""
-
-
-def voc_palette(num: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map, (num, 3) uint8: index bits interleaved into R, G, B (0 black, 1 (128,0,0))."""
-    idx = np.arange(num)
-    pal = np.zeros((num, 3), dtype=np.int64)
-    for shift in range(8):
-        for ch in range(3):
-            pal[:, ch] |= ((idx >> (3 * shift + ch)) & 1) << (7 - shift)
-    return pal.astype(np.uint8)
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -256,16 +242,3 @@ class VOCSegmentation(Dataset):
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {"image": image, "mask": mask, "name": name}
-
-
-def class_names_for(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
-    """Names for K classes: the given ones, VOC's 21 for K == 21, else background + class_1..K-1."""
-    if names is not None:
-        names = [str(n) for n in names]
-        if len(names) != num_classes:
-            raise ConfigError("data.class_names", f"has {len(names)} names but num_classes={num_classes}",
-                            "give one name per class, background first")
-        return names
-    if num_classes == len(VOC_CLASS_NAMES):
-        return list(VOC_CLASS_NAMES)
-    return ["background"] + [f"class_{i}" for i in range(1, num_classes)]

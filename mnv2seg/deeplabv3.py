@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone import build_backbone
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError, argument_scope
 from mnv2seg.head import HEADS, DeepLabHead
 
 FEATURES = ("layer_18", "layer_19")
@@ -39,22 +39,23 @@ class DeepLabV3(nn.Module):
                  dropout: float = 0.0, align_corners: bool = False) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ConfigError("model.num_classes", f"must be an integer >= 2 (background + classes), got {num_classes!r}",
+            raise ArgumentError("num_classes", f"must be an integer >= 2 (background + classes), got {num_classes!r}",
                               "21 for PASCAL VOC")
         if head not in HEADS:
-            raise ConfigError("model.head", f"must be one of {list(HEADS)}, got {head!r}",
+            raise ArgumentError("head", f"must be one of {list(HEADS)}, got {head!r}",
                               "lite (pooling + 1x1, 2.11M params) or aspp (4.52M)")
         if feature not in FEATURES:
-            raise ConfigError("model.feature", f"must be one of {list(FEATURES)}, got {feature!r}",
+            raise ArgumentError("feature", f"must be one of {list(FEATURES)}, got {feature!r}",
                               "layer_18 is the paper's MNet V2* (320 ch)")
         if len(tuple(atrous_rates)) != 3 or any(int(r) < 1 for r in atrous_rates):
-            raise ConfigError("model.atrous_rates", f"must be three positive ints, got {atrous_rates!r}", "e.g. [6, 12, 18]")
+            raise ArgumentError("atrous_rates", f"must be three positive ints, got {atrous_rates!r}", "e.g. [6, 12, 18]")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError("model.dropout", f"must be in [0, 1), got {dropout!r}", "e.g. 0.1, or 0 to disable")
+            raise ArgumentError("dropout", f"must be in [0, 1), got {dropout!r}", "e.g. 0.1, or 0 to disable")
         bb_cfg = dict(backbone or {})
         bb_cfg.setdefault("output_stride", 16)  # DeepLabv3 default (the backbone alone defaults to 32)
         bb_cfg["out_features"] = [feature]
-        self.backbone = build_backbone(**bb_cfg)
+        with argument_scope("backbone"):
+            self.backbone = build_backbone(**bb_cfg)
         self.feature = feature
         self.num_classes = num_classes
         self.output_stride = int(self.backbone.out_strides[feature])

@@ -13,18 +13,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from backbone.layers import ConvBNAct
+
 HEADS = ("lite", "aspp")
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 1, dilation: int = 1,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> nn.Sequential:
-    """Conv (no bias, 'same' padding for odd kernels) + BN + ReLU."""
-    pad = dilation * (kernel_size - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_ch, eps=bn_eps, momentum=bn_momentum),
-        nn.ReLU(inplace=True),
-    )
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> ConvBNAct:
+    """Conv (no bias, 'same' padding) + BN + ReLU: DeepLab's heads use ReLU, not ReLU6."""
+    return ConvBNAct(in_ch, out_ch, kernel_size, dilation=dilation, bn_eps=bn_eps, bn_momentum=bn_momentum,
+                     activation="relu")
 
 
 class ImagePooling(nn.Module):

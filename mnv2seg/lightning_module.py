@@ -14,14 +14,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from mnv2.errors import ConfigError
-from mnv2.optim import build_optimizer, build_scheduler, param_groups
-from mnv2seg.dataset import voc_palette
+from backbone.errors import ArgumentError, ConfigError
+from backbone.training.optim import build_optimizer, build_scheduler, param_groups
+from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
 from mnv2seg.deeplabv3 import DeepLabV3
 from mnv2seg.inference import DEFAULT_MF_SCALES, INFERENCE_MODES, predict_probs
 from mnv2seg.metrics import ConfusionMatrix, format_report
 
-IGNORE_INDEX = 255
 
 
 class DeepLabModule(pl.LightningModule):
@@ -50,10 +49,10 @@ class DeepLabModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if inference not in INFERENCE_MODES:
-            raise ConfigError("model.inference", f"must be one of {list(INFERENCE_MODES)}, got {inference!r}",
+            raise ArgumentError("inference", f"must be one of {list(INFERENCE_MODES)}, got {inference!r}",
                               "single, or mf for multi-scale + flip")
         if not mf_scales or any(float(s) <= 0 for s in mf_scales):
-            raise ConfigError("model.mf_scales", f"must be positive numbers, got {mf_scales!r}",
+            raise ArgumentError("mf_scales", f"must be positive numbers, got {mf_scales!r}",
                               "e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
         self.model = DeepLabV3(num_classes, backbone, head, feature, atrous_rates, head_channels, dropout, align_corners)
         self.num_classes = num_classes
@@ -167,8 +166,6 @@ class DeepLabModule(pl.LightningModule):
     def class_names(self) -> list[str]:
         if self._class_names is not None:
             return self._class_names
-        from mnv2seg.dataset import class_names_for
-
         return class_names_for(self.num_classes)
 
     def evaluation_metrics(self) -> dict[str, float]:

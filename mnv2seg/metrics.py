@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from backbone.training.voc_format import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates a (K, K) confusion matrix: rows = ground truth, columns = prediction.
@@ -25,7 +27,7 @@ class ConfusionMatrix:
     >>> cm.compute()["miou"]
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)

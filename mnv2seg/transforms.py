@@ -16,25 +16,12 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from mnv2.errors import ConfigError
-
-IGNORE_INDEX = 255
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision ImageNet weights
-    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x / 127.5 - 1, TF slim / DeepLab checkpoints
-}
-
-
-def normalization(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) in [0, 1] units for normalize = imagenet | tf."""
-    if name not in NORMALIZATIONS:
-        raise ConfigError("data.normalize", f"unknown normalisation '{name}'",
-                          f"use one of {', '.join(NORMALIZATIONS)} (imagenet for torchvision weights)")
-    return NORMALIZATIONS[name]
-
+from backbone.errors import ConfigError
+from backbone.normalization import NormalizeSpec, resolve_normalization
+from backbone.training.voc_format import IGNORE_INDEX
 
 def train_transform(crop_size: int | Sequence[int] = 513, scale_min: float = 0.5, scale_max: float = 2.0,
-                    hflip: bool = True, normalize: str = "imagenet") -> A.Compose:
+                    hflip: bool = True, normalize: NormalizeSpec = "imagenet") -> A.Compose:
     """Random scale -> pad (mean / 255) -> random crop -> flip -> normalise -> tensor.
 
     Output: image (3, ch, cw) float32, mask (ch, cw) uint8.
@@ -45,7 +32,7 @@ def train_transform(crop_size: int | Sequence[int] = 513, scale_min: float = 0.5
     if not 0 < scale_min <= scale_max:
         raise ConfigError("data.augment.scale_min", f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}",
                           "e.g. scale_min=0.5 scale_max=2.0")
-    mean, std = normalization(normalize)
+    mean, std = resolve_normalization(normalize)
     mean_pixel = tuple(float(m * 255.0) for m in mean)
     ops: list[Any] = []
     if (scale_min, scale_max) != (1.0, 1.0):
@@ -64,9 +51,9 @@ def train_transform(crop_size: int | Sequence[int] = 513, scale_min: float = 0.5
     return A.Compose(ops)
 
 
-def eval_transform(normalize: str = "imagenet") -> A.Compose:
+def eval_transform(normalize: NormalizeSpec = "imagenet") -> A.Compose:
     """Whole image at its own size: normalise -> tensor."""
-    mean, std = normalization(normalize)
+    mean, std = resolve_normalization(normalize)
     return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from mnv2 import assets
+from backbone.training import downloads as assets
 
 
 def require_asset(name: str) -> Path:

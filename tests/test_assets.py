@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mnv2 import assets
-from mnv2.errors import DataError
+from backbone.training import downloads as assets
+from backbone.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 4000  # ~1 MB, not a multiple of the 1 MiB chunk
@@ -138,7 +138,7 @@ def test_cli_imagenet_from_url_rejects_wrong_file(server, tmp_path):
     url, handler = server
     result = subprocess.run([sys.executable, str(REPO / "tools" / "download.py"), "imagenet", "--source", "url",
                              "--url", url, "--dest", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "sha256 mismatch" in result.stderr and assets.ASSETS["imagenet"].sha256 in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing left behind
     assert len(handler.log) == 1

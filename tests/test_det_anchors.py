@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 from mnv2det.anchor_generator import DefaultBoxGenerator
 
 SIZES_300 = [(19, 19), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
@@ -94,7 +94,7 @@ def test_non_square_input_keeps_anchors_square_in_pixels() -> None:
 
 
 def test_bad_config_and_layer_mismatch() -> None:
-    with pytest.raises(ConfigError, match="model.anchor.min_scale"):
+    with pytest.raises(ArgumentError, match="^min_scale "):
         DefaultBoxGenerator(min_scale=0.9, max_scale=0.2)
-    with pytest.raises(ConfigError, match="model.anchor.num_layers"):
+    with pytest.raises(ArgumentError, match="^num_layers "):
         DefaultBoxGenerator()(SIZES_300[:5])

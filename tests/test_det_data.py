@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mnv2.errors import ConfigError, DataError
-from mnv2.synthetic import CATEGORY_IDS, CLASS_NAMES, EMPTY_EVERY, ensure_synthetic
+from backbone.errors import ConfigError, DataError
+from backbone.training.synthetic import CATEGORY_IDS, CLASS_NAMES, EMPTY_EVERY, ensure_synthetic
 from mnv2det.datamodule import DetDataModule, collate_detections
 from mnv2det.dataset import COCODetection
 from mnv2det.transforms import (DetectionTransform, MinIoURandomCrop, ZoomOut, build_eval_transform,

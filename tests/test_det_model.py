@@ -6,7 +6,7 @@ import torch
 
 from backbone.complexity import count_madds, count_params
 from backbone.padding import Conv2dSame
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import ArgumentError, DataError
 from mnv2det.ssdlite import SSDLite, build_ssdlite
 
 
@@ -41,16 +41,16 @@ def test_shapes(model: SSDLite, size: int, maps: list[int], num_anchors: int) ->
 def test_tf_structure_and_names(model: SSDLite) -> None:
     sd = model.state_dict()
     # extras: 1x1 reduce to depth / 2 (256/128/128/64), depthwise 3x3 s2, 1x1 to depth
-    assert [b.reduce.conv.out_channels for b in model.extras] == [256, 128, 128, 64]
-    assert [b.pointwise.conv.out_channels for b in model.extras] == [512, 256, 256, 128]
-    assert all(b.depthwise.conv.stride == (2, 2) and b.depthwise.conv.groups == b.reduce.conv.out_channels
+    assert [b.reduce.out_channels for b in model.extras] == [256, 128, 128, 64]
+    assert [b.pointwise.out_channels for b in model.extras] == [512, 256, 256, 128]
+    assert all(b.depthwise[0].stride == (2, 2) and b.depthwise[0].groups == b.reduce.out_channels
                for b in model.extras)
     # head: BoxPredictor_i/{BoxEncodingPredictor,ClassPredictor}{_depthwise,}
-    assert sd["head.box_head.0.depthwise.conv.weight"].shape == (576, 1, 3, 3)
-    assert "head.box_head.0.depthwise.bn.running_var" in sd
+    assert sd["head.box_head.0.depthwise.0.weight"].shape == (576, 1, 3, 3)
+    assert "head.box_head.0.depthwise.1.running_var" in sd
     assert sd["head.box_head.0.pointwise.weight"].shape == (3 * 4, 576, 1, 1)
     assert sd["head.cls_head.1.pointwise.bias"].shape == (6 * 81,)
-    assert sd["head.cls_head.5.depthwise.conv.weight"].shape == (128, 1, 3, 3)
+    assert sd["head.cls_head.5.depthwise.0.weight"].shape == (128, 1, 3, 3)
     assert "backbone.features.14.conv.0.0.weight" in sd  # layer_15 expansion (torchvision layout)
     # TF init: truncated normal std 0.03 cut at 2 std
     w = model.head.cls_head[1].pointwise.weight
@@ -68,8 +68,8 @@ def test_params_and_madds_targets(model: SSDLite) -> None:
 
 def test_tf_padding_odd_sizes() -> None:
     m = SSDLite(num_classes=3, backbone={"padding": "tf", "bn_eps": 1e-3}).eval()
-    assert isinstance(m.extras[0].depthwise.conv, Conv2dSame)
-    assert m.extras[0].depthwise.bn.eps == 1e-3 and m.head.box_head[0].depthwise.bn.eps == 1e-3
+    assert isinstance(m.extras[0].depthwise[0], Conv2dSame)
+    assert m.extras[0].depthwise[1].eps == 1e-3 and m.head.box_head[0].depthwise[1].eps == 1e-3
     with torch.no_grad():
         for h, w in [(301, 301), (157, 211)]:
             out = m(torch.randn(1, 3, h, w))
@@ -139,12 +139,21 @@ def test_config_errors_and_normalize() -> None:
     assert m.normalize_mean == (0.5, 0.5, 0.5) and m.normalize_std == (0.5, 0.5, 0.5)
     assert m.image_size == (320, 320)
     assert SSDLite(num_classes=2).normalize_mean == (0.485, 0.456, 0.406)
-    with pytest.raises(ConfigError, match="model.anchor.foo"):
+    with pytest.raises(ArgumentError, match="^anchor.foo "):
         SSDLite(num_classes=2, anchor={"foo": 1})
-    with pytest.raises(ConfigError, match="model.bogus"):
+    with pytest.raises(ArgumentError, match="^bogus "):
         build_ssdlite({"num_classes": 2, "bogus": 1})
-    with pytest.raises(ConfigError, match="model.num_classes"):
+    with pytest.raises(ArgumentError, match="^num_classes "):
         SSDLite(num_classes=0)
+    with pytest.raises(ArgumentError, match="^score_converter "):
+        SSDLite(num_classes=2, score_converter="relu")
+    with pytest.raises(ArgumentError, match="^postprocess.nms_iou ") as e:
+        SSDLite(num_classes=2, postprocess={"nms_iou": 0.0})
+    assert e.value.to_config_error("model").key == "model.postprocess.nms_iou"
+    with pytest.raises(ArgumentError, match="^box_code_order "):
+        SSDLite(num_classes=2, box_code_order="ab")
+    with pytest.raises(ArgumentError, match="^backbone.width_mult "):
+        SSDLite(num_classes=2, backbone={"width_mult": -1})
     bad = _targets()
     bad["labels"] = torch.tensor([[1, 5, 0], [3, 1, 0]])
     m = SSDLite(num_classes=3)
@@ -160,5 +169,5 @@ def test_focal_sets_class_bias_prior() -> None:
     assert torch.allclose(prior[:, 0], torch.full((3,), 0.99), atol=1e-6)
     assert (SSDLite(num_classes=2, backbone={"width_mult": 0.35}).head.cls_head[0].pointwise.bias == 0).all()
     # width 0.35: extras scale like TF's depth_fn (max(int(d * 0.35), 16))
-    assert [b.reduce.conv.out_channels for b in m.extras] == [89, 44, 44, 22]
-    assert [b.pointwise.conv.out_channels for b in m.extras] == [179, 89, 89, 44]
+    assert [b.reduce.out_channels for b in m.extras] == [89, 44, 44, 22]
+    assert [b.pointwise.out_channels for b in m.extras] == [179, 89, 89, 44]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 from mnv2det.box_coder import BoxCoder
 from mnv2det.postprocess import PostProcessor
 
@@ -117,7 +117,7 @@ def test_yx_codes_and_empty_output() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ConfigError, match="nms_iou"):
+    with pytest.raises(ArgumentError, match="^nms_iou "):
         PostProcessor(nms_iou=0.0)
-    with pytest.raises(ConfigError, match="score_converter"):
-        PostProcessor(score_converter="relu")
+    with pytest.raises(ArgumentError, match="^max_detections "):
+        PostProcessor(max_detections=0)

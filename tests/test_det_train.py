@@ -27,7 +27,7 @@ MAP50_THRESHOLD = 0.25
 def test_short_training_learns(tmp_path: Path) -> None:
     import lightning.pytorch as pl
 
-    from mnv2.synthetic import ensure_synthetic
+    from backbone.training.synthetic import ensure_synthetic
     from mnv2det.datamodule import DetDataModule
     from mnv2det.lightning_module import SSDLiteModule
 
@@ -73,7 +73,7 @@ def test_short_training_learns(tmp_path: Path) -> None:
 def _tiny_setup(tmp_path: Path, num_classes: int = 6):
     import lightning.pytorch as pl
 
-    from mnv2.synthetic import ensure_synthetic
+    from backbone.training.synthetic import ensure_synthetic
     from mnv2det.datamodule import DetDataModule
     from mnv2det.lightning_module import SSDLiteModule
 
@@ -88,7 +88,7 @@ def _tiny_setup(tmp_path: Path, num_classes: int = 6):
 
 def test_module_contract(tmp_path: Path) -> None:
     """Validation logs the COCO metrics, the evaluation contract works, predict maps category ids."""
-    from mnv2.synthetic import CATEGORY_IDS
+    from backbone.training.synthetic import CATEGORY_IDS
 
     module, data, trainer = _tiny_setup(tmp_path)
     with warnings.catch_warnings():
@@ -119,7 +119,7 @@ def test_module_contract(tmp_path: Path) -> None:
 
 
 def test_num_classes_mismatch_is_a_config_error(tmp_path: Path) -> None:
-    from mnv2.errors import ConfigError
+    from backbone.errors import ConfigError
 
     module, data, trainer = _tiny_setup(tmp_path, num_classes=80)
     with pytest.raises(ConfigError, match="model.num_classes"):

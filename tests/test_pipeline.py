@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mnv2.checkpoint import load_checkpoint
-from mnv2.errors import ConfigError, DataError
-from mnv2.optim import lr_factor
+from backbone.training.checkpoint import load_checkpoint
+from backbone.errors import ConfigError, DataError
+from backbone.training.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from backbone.complexity import count_madds, count_params
-from mnv2.errors import ConfigError
+from backbone.errors import ArgumentError
 from mnv2seg.deeplabv3 import DeepLabV3
 from mnv2seg.inference import predict, predict_probs
 
@@ -53,11 +53,11 @@ def test_no_1280_conv_in_mnet_v2_star():
 
 
 def test_bad_config_raises_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match="model.head"):
+    with pytest.raises(ArgumentError, match="^head "):
         DeepLabV3(21, {}, head="psp")
-    with pytest.raises(ConfigError, match="model.feature"):
+    with pytest.raises(ArgumentError, match="^feature "):
         DeepLabV3(21, {}, feature="layer_12")
-    with pytest.raises(ConfigError, match="model.num_classes"):
+    with pytest.raises(ArgumentError, match="^num_classes "):
         DeepLabV3(1, {})
 
 

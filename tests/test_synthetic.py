@@ -15,9 +15,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-import mnv2.synthetic as syn
-from mnv2.errors import ConfigError, DataError
-from mnv2.synthetic import CATEGORY_IDS, CLASS_NAMES, IGNORE_INDEX
+import backbone.training.synthetic as syn
+from backbone.errors import ConfigError, DataError
+from backbone.training.synthetic import CATEGORY_IDS, CLASS_NAMES
+from backbone.training.voc_format import IGNORE_INDEX, voc_palette
 
 REPO = Path(__file__).resolve().parents[1]
 K = len(CLASS_NAMES)
@@ -43,7 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_voc_palette_matches_pascal() -> None:
-    pal = syn.voc_palette()
+    pal = voc_palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
     assert pal[0].tolist() == [0, 0, 0]
     assert pal[1].tolist() == [128, 0, 0]  # aeroplane
@@ -101,7 +102,7 @@ def test_voc_layout_and_masks(tiny: Path) -> None:
     assert len(train) == TINY["num_train"] and len(val) == TINY["num_val"] and not set(train) & set(val)
     assert sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg")) == sorted(train + val)
     assert sorted(p.stem for p in (voc / "SegmentationClass").glob("*.png")) == sorted(train + val)
-    palette = syn.voc_palette().ravel().tolist()
+    palette = voc_palette().ravel().tolist()
     for split, stems in (("train", train), ("val", val)):
         coco_names = {img["file_name"] for img in json.loads(_ann_file(tiny, split).read_text())["images"]}
         assert coco_names == {s + ".jpg" for s in stems}, "VOC and COCO splits differ"

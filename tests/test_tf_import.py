@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 from mnv2det import tf_import
 
 REFERENCE = Path(__file__).parent / "fixtures" / "tf_ssdlite" / "reference.npz"
@@ -27,7 +27,7 @@ def reference() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def imported(tf_ssdlite_graph, reference) -> tf_import.ImportResult:
-    from mnv2.assets import sha256_file
+    from backbone.training.downloads import sha256_file
 
     assert str(reference["graph_sha256"]) == sha256_file(tf_ssdlite_graph), "reference made from another graph"
     return tf_import.import_graph(tf_ssdlite_graph, class_names=["pedestrian"])
@@ -105,7 +105,7 @@ def test_detections_from_raw_photo(imported, reference):
 def test_checkpoint_rebuilds_lightning_module(imported, reference, tf_ssdlite_graph, tmp_path):
     from hydra.utils import instantiate
 
-    from mnv2.checkpoint import load_checkpoint
+    from backbone.training.checkpoint import load_checkpoint
 
     path = tmp_path / "ped.ckpt"
     torch.save(tf_import.checkpoint_dict(imported, tf_ssdlite_graph), path)

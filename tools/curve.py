@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 
@@ -14,7 +15,8 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float, float]]:
     """[(epoch, minutes, value)] for every validation epoch logged in RUN_DIR/csv/metrics.csv."""
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found -- pass the run dir of tools/train.py (logger=default)")
+        print(f"error: {path} not found -- fix: pass the run dir of tools/train.py (logger=default)", file=sys.stderr)
+        sys.exit(2)
     rows = list(csv.DictReader(path.open()))
     out = []
     for r in rows:

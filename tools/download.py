@@ -10,7 +10,8 @@
     python tools/download.py list
         known assets, where they go and whether they are there.
 
-Exit status 0 when the files are present with the right sha256 (also when they already were).
+Exit status 0 when the files are present with the right sha256 (also when they already were); 2 with
+one `error:` line when they cannot be fetched.
 """
 from __future__ import annotations
 
@@ -18,10 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mnv2 import assets  # noqa: E402
-from mnv2.errors import Mnv2Error  # noqa: E402
+from backbone.errors import Mnv2Error
+from backbone.training import downloads as assets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:20s} {state:8s} {assets.asset_path(name)}  ({asset.description}; pip: {asset.pypi})")
     except (Mnv2Error, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

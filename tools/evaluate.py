@@ -4,11 +4,77 @@
 Prints the task's table and writes metrics.json (det: also detections.json) into the run dir. With
 save_predictions=true also RUN_DIR/predictions/: det, each val image with its detections drawn
 (score >= 0.3, ground truth in white); seg, the predicted masks as VOC palette PNGs.
-"""
-import hydra
-from omegaconf import DictConfig
 
-from mnv2.pipeline import evaluate, run_cli
+The model (architecture, classes, normalisation) comes from the checkpoint; `model.*` overrides
+on the command line (`model.inference=mf`, `~model.x`, `+model.y=1`) are applied on top of it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from backbone.errors import ConfigError, DataError
+from backbone.training.checkpoint import load_checkpoint
+from backbone.training.runner import build, build_trainer, check_trainer, output_dir, report, run_cli
+
+
+def command_line_overrides(prefix: str = "model.") -> list[Any]:
+    """The parsed Hydra overrides (``hydra.core.override_parser``) of keys under ``prefix``."""
+    try:
+        raw = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main
+        return []
+    return [o for o in OverridesParser.create().parse_overrides(raw) if o.key_or_group.startswith(prefix)]
+
+
+def model_config_from_checkpoint(info: dict[str, Any], overrides: list[Any]) -> DictConfig:
+    """The checkpoint's model config with the command line's ``model.*`` overrides merged on top."""
+    model_cfg = OmegaConf.create(info["config"]["model"])
+    for o in overrides:
+        key = o.key_or_group[len("model."):]
+        if o.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(model_cfg, parent) if parent else model_cfg
+            if node is None or leaf not in node:
+                raise ConfigError(o.key_or_group, "is not in the checkpoint's model config, nothing to delete")
+            with open_dict(node):
+                del node[leaf]
+        else:
+            OmegaConf.update(model_cfg, key, o.value(), merge=True, force_add=True)
+    with open_dict(model_cfg):
+        if "backbone" in model_cfg:
+            model_cfg.backbone.pretrained = "none"  # the checkpoint holds the weights
+    return model_cfg
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate a checkpoint on the whole val set of the configured data."""
+    out_dir = output_dir()
+    check_trainer(cfg.trainer)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    info = ckpt["mnv2"]
+    if info.get("task") != cfg.task_name:
+        raise ConfigError("task", f"{cfg.ckpt_path} holds a '{info.get('task')}' model but task={cfg.task_name}",
+                          f"run with task={info.get('task')}")
+    pl.seed_everything(int(cfg.seed), workers=True)
+    with open_dict(cfg):
+        cfg.model = model_config_from_checkpoint(info, command_line_overrides())  # data may read ${model.*}
+    module = build(cfg.model, "model")
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise DataError(cfg.ckpt_path, f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                        "evaluate with the checkpoint's own model config (drop model.* overrides that change the architecture)")
+    if cfg.get("save_predictions"):
+        module.predictions_dir = out_dir / "predictions"
+    datamodule = build(cfg.data, "data")
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return report(module, trainer, out_dir)
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tf_ssdlite" / "reference.npz"
 
 
@@ -37,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from mnv2.assets import sha256_file
-    from mnv2.errors import Mnv2Error
+    from backbone.training.downloads import sha256_file
+    from backbone.errors import Mnv2Error
     from mnv2det import tf_import
 
     try:
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             if str(ref["graph_sha256"]) != sha256_file(args.graph):
                 print(f"error: {args.reference} was made from another graph (sha256 {ref['graph_sha256']})",
                       file=sys.stderr)
-                return 1
+                return 2
             print(f"parity with TensorFlow {ref['tf_version']} ({args.reference.name}), max |ours - TF|:")
             diffs = tf_import.reference_diffs(result.model, ref)
             dets = tf_import.reference_detections(result.model, ref)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"min IoU {det['min_iou']:.6f}, max |score diff| {det['max_score_diff']:.2e}")
     except Mnv2Error as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

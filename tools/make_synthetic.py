@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from mnv2.errors import Mnv2Error
-from mnv2.synthetic import CLASS_NAMES, DEFAULTS, coco_root, generate, voc_root
+from backbone.errors import Mnv2Error
+from backbone.training.synthetic import CLASS_NAMES, DEFAULTS, coco_root, generate, voc_root
 
 
 def main(argv: list[str] | None = None) -> int:

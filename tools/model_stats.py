@@ -17,7 +17,7 @@ from torch import nn
 
 from backbone import build_backbone
 from backbone.complexity import count_madds, count_params
-from mnv2.pipeline import build
+from backbone.training.runner import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 
 CHUNK = 1 << 20
 FETCH_TEST_ASSETS = "python tools/download.py test-assets"

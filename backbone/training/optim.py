@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from mnv2.errors import ConfigError
+from backbone.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "poly", "exponential", "constant")

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mnv2.errors import DataError
+from backbone.errors import DataError
 
 FORMAT = 1
 

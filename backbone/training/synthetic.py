@@ -64,16 +64,15 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from mnv2.errors import ConfigError, DataError
+from backbone.errors import ConfigError, DataError
+from backbone.training.voc_format import IGNORE_INDEX, voc_palette
 
 __all__ = [
     "CLASS_NAMES",
     "CATEGORY_IDS",
     "DEFAULTS",
-    "IGNORE_INDEX",
     "coco_root",
     "voc_root",
-    "voc_palette",
     "render_scene",
     "generate",
     "ensure_synthetic",
@@ -82,7 +81,6 @@ __all__ = [
 CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring", "cross")
 CATEGORY_IDS: tuple[int, ...] = (1, 3, 7, 12, 18, 25)
 SUPERCATEGORY = "shape"
-IGNORE_INDEX = 255
 
 DEFAULTS: dict[str, int] = {"num_train": 512, "num_val": 128, "size": 256, "seed": 0}
 GENERATOR_VERSION = 2  # bump when the scenes change, so ensure_synthetic regenerates
@@ -111,21 +109,6 @@ def coco_root(root: Path | str) -> Path:
 def voc_root(root: Path | str) -> Path:
     """``root/VOCdevkit/VOC2012``: holds ``JPEGImages/``, ``SegmentationClass/``, ``ImageSets/``."""
     return Path(root) / "VOCdevkit" / "VOC2012"
-
-
-def voc_palette(num: int = 256) -> np.ndarray:
-    """The standard PASCAL VOC colour map: ``(num, 3)`` uint8, bits of the index interleaved.
-
-    Index 0 is black, 1 is (128, 0, 0), ..., 255 is (224, 224, 192).
-    """
-    idx = np.arange(num)
-    cmap = np.zeros((num, 3), dtype=np.int64)
-    c = idx.copy()
-    for j in range(8):  # 8 bit planes, not a per-pixel loop
-        for ch in range(3):
-            cmap[:, ch] |= ((c >> ch) & 1) << (7 - j)
-        c >>= 3
-    return cmap.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------- geometry

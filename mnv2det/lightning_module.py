@@ -1,7 +1,8 @@
 """LightningModule for SSDLite-MobileNetV2: training, COCO evaluation, prediction.
 
-Built from the plain-dict `cfg.model` (see docs/DESIGN.md): every key except ``optimizer`` and
-``scheduler`` is a keyword argument of :class:`mnv2det.ssdlite.SSDLite`.
+Built from `cfg.model` (the contract: :mod:`backbone.training.task_module`): every key except
+``optimizer`` and ``scheduler`` (partials, see :class:`TaskModule`) is a keyword argument of
+:class:`mnv2det.ssdlite.SSDLite`.
 
 Validation: each step runs the model, the loss (logged as ``val/loss``) and post-processing, and
 feeds :class:`COCOEvaluator`; at the epoch end every rank gathers all detections, scores them with
@@ -12,24 +13,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import lightning.pytorch as pl
 import torch
 
 from backbone.errors import ArgumentError, ConfigError
-from backbone.training.optim import build_optimizer, build_scheduler, param_groups
+from backbone.training.task_module import TaskModule
 from mnv2det.coco_eval import COCOEvaluator
 from mnv2det.ssdlite import build_ssdlite
 
 log = logging.getLogger(__name__)
 
 LOGGED_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
-OPTIMIZER_DEFAULTS = {"name": "sgd", "lr": 0.015, "momentum": 0.9, "weight_decay": 4e-5}
-SCHEDULER_DEFAULTS = {"name": "cosine", "warmup_fraction": 0.01, "warmup_factor": 0.001}
 
 
-class SSDLiteModule(pl.LightningModule):
+class SSDLiteModule(TaskModule):
     """SSDLite detector + SSD loss + COCO evaluation.
 
     Args:
@@ -39,43 +37,37 @@ class SSDLiteModule(pl.LightningModule):
         image_size: square network input side (the data pipeline resizes to it).
         score_converter: ``softmax`` (CE + hard negative mining) | ``sigmoid`` (loss.cls_loss ce | focal).
         normalize: ``imagenet`` | ``tf`` (input normalisation the backbone expects).
-        optimizer: ``{name, lr, momentum, weight_decay, norm_decay}`` (mnv2.optim.build_optimizer).
-        scheduler: ``{name, warmup_fraction | warmup_steps, warmup_factor, ...}`` (mnv2.optim.lr_factor),
-            stepped every optimizer step over ``trainer.estimated_stepping_batches``.
+        optimizer / scheduler: partials of a ``torch.optim`` class and a
+            :mod:`backbone.training.optim` schedule (:class:`TaskModule`); None: evaluation only.
         **model: other SSDLite kwargs: anchor, loss, postprocess, matcher, head, extra_depths,
             box_coder_weights, box_code_order, min_depth.
     """
 
+    num_classes_meaning = "object classes (background excluded)"
+
     def __init__(self, num_classes: int = 80, backbone: dict[str, Any] | None = None, image_size: int = 300,
                  score_converter: str = "softmax", normalize: str = "imagenet",
-                 optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
+                 optimizer: Callable[..., Any] | None = None, scheduler: Callable[..., Any] | None = None,
                  **model: Any) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.optimizer_cfg = {**OPTIMIZER_DEFAULTS, **dict(optimizer or {})}
-        self.scheduler_cfg = {**SCHEDULER_DEFAULTS, **dict(scheduler or {})}
+        super().__init__(optimizer, scheduler)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
             raise ArgumentError("image_size", f"must be an integer >= 32, got {image_size!r}", "e.g. 300")
         self.model = build_ssdlite({"num_classes": num_classes, "backbone": dict(backbone or {}),
                                     "image_size": image_size, "score_converter": score_converter,
                                     "normalize": normalize, **model})
+        self.num_classes = self.model.num_classes
         self.evaluator: COCOEvaluator | None = None
         self._evaluator_key: Any = None
-        self._metrics: dict[str, float] = {}
         self._report: str = ""
         self._eval_info: dict[str, Any] = {}
-        # set by `tools/evaluate.py save_predictions=true`: pictures of the detections go there,
-        # drawing those scoring at least draw_score_threshold
-        self.predictions_dir: Path | None = None
+        # with predictions_dir set (tools/evaluate.py save_predictions=true), the pictures draw the
+        # detections scoring at least this
         self.draw_score_threshold: float = 0.3
 
     # ------------------------------------------------------------------------------ helpers
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B, 3, S, S) normalised -> cls_logits (B, A, K+1), bbox_regression (B, A, 4), anchors (A, 4)."""
         return self.model(images)
-
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def _val_dataset(self) -> Any:
         dm = self._datamodule()
@@ -90,18 +82,11 @@ class SSDLiteModule(pl.LightningModule):
         return ds
 
     def _category_ids(self, dataset: Any) -> list[int]:
-        meta = getattr(self._datamodule(), "meta", None) or {}
-        ids = list(meta.get("category_ids") or dataset.category_ids)
-        if len(ids) != self.model.num_classes:
-            raise ConfigError("model.num_classes", f"is {self.model.num_classes} but the dataset has {len(ids)} "
-                              "categories", f"set model.num_classes={len(ids)}")
+        if "category_ids" in self.meta:  # setup() checked their number
+            return list(self.meta["category_ids"])
+        ids = list(dataset.category_ids)  # validating without a datamodule: no meta, check here
+        self.check_num_classes(len(ids))
         return ids
-
-    def setup(self, stage: str) -> None:
-        meta = getattr(self._datamodule(), "meta", None) or {}
-        if meta.get("category_ids") is not None and len(meta["category_ids"]) != self.model.num_classes:
-            raise ConfigError("model.num_classes", f"is {self.model.num_classes} but the dataset has "
-                              f"{len(meta['category_ids'])} categories", f"set model.num_classes={len(meta['category_ids'])}")
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -119,9 +104,8 @@ class SSDLiteModule(pl.LightningModule):
         dataset = self._val_dataset()
         key = (id(dataset), len(dataset))
         if self.evaluator is None or self._evaluator_key != key:  # building the GT index once per dataset
-            meta = getattr(self._datamodule(), "meta", None) or {}
             self.evaluator = COCOEvaluator(dataset.coco, self._category_ids(dataset), img_ids=dataset.ids,
-                                           class_names=meta.get("class_names") or dataset.class_names)
+                                           class_names=self.meta.get("class_names") or dataset.class_names)
             self._evaluator_key = key
             self._eval_info = {"dataset": getattr(dataset, "name", type(dataset).__name__),
                                "num_images": len(dataset.ids), "class_names": list(dataset.class_names)}
@@ -147,25 +131,21 @@ class SSDLiteModule(pl.LightningModule):
         self.evaluator.reset()  # drop this epoch's detections (results/metrics stay for save_evaluation)
 
     # ------------------------------------------------------------------ evaluation contract
-    def evaluation_metrics(self) -> dict[str, float]:
+    def _metrics_of(self, results: dict[str, Any]) -> dict[str, float]:
         """COCO metrics of the last validation epoch (fractions in [0, 1]; -1: no GT in that range)."""
-        if not self._metrics:
-            raise RuntimeError("no validation epoch has finished yet: run trainer.validate(...) first")
-        return dict(self._metrics)
+        return dict(results)
 
-    def evaluation_report(self) -> str:
+    def _format_report(self, results: dict[str, Any]) -> str:
         """The pycocotools summary table with the dataset name and image count."""
-        self.evaluation_metrics()
         info = self._eval_info
         head = (f"COCO bbox evaluation -- {info.get('dataset')}: {info.get('num_images')} images "
                 f"({info.get('num_images_with_detections')} with detections), "
                 f"{len(info.get('class_names', []))} classes")
         return f"{head}\n{self._report}"
 
-    def save_evaluation(self, out_dir: str | Path) -> None:
+    def _write_evaluation(self, results: dict[str, Any], out_dir: Path) -> None:
         """Write ``metrics.json`` and ``detections.json`` (COCO results, original category ids); with
         ``predictions_dir`` set, also one picture per val image (mnv2det.visualize)."""
-        self.evaluation_metrics()
         self.evaluator.save(out_dir)
         if self.predictions_dir is not None:
             from mnv2det.visualize import save_detection_images
@@ -181,8 +161,7 @@ class SSDLiteModule(pl.LightningModule):
         """Per image: image_id, boxes (N, 4) xyxy original px, scores (N,), labels (N,) 1..K,
         category_ids (N,) (the dataset's ids when known)."""
         detections = self.model.postprocess(self.model(batch["images"]), batch["orig_sizes"])
-        meta = getattr(self._datamodule(), "meta", None) or {}
-        cat = meta.get("category_ids")
+        cat = self.meta.get("category_ids")
         lut = torch.as_tensor(cat, device=batch["images"].device) if cat else None
         out = []
         for img_id, det in zip(batch["image_ids"].tolist(), detections):
@@ -191,11 +170,3 @@ class SSDLiteModule(pl.LightningModule):
                 item["category_ids"] = lut[det["labels"] - 1].cpu()
             out.append(item)
         return out
-
-    # ---------------------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = param_groups(self.model, float(self.optimizer_cfg.get("weight_decay", 0.0)),
-                              bool(self.optimizer_cfg.get("norm_decay", False)))
-        optimizer = build_optimizer(groups, self.optimizer_cfg)
-        total = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.scheduler_cfg, total)}

@@ -1,26 +1,28 @@
-"""LightningDataModule for VOC-layout segmentation data (real VOC + SBD, or the synthetic set)."""
+"""LightningDataModule for VOC-layout segmentation data (real VOC + SBD, or the synthetic set).
+
+Arguments, datasets, loaders and ``meta``: :mod:`backbone.training.datamodule`. Batches:
+:func:`mnv2seg.transforms.collate`.
+"""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader
+import albumentations as A
 
-from backbone.training.dataloader import make_loader, reseed_transform
-from backbone.errors import ArgumentError, ConfigError
+from backbone.errors import ConfigError
 from backbone.normalization import NormalizeSpec
+from backbone.training.datamodule import TaskDataModule, check_int
+from backbone.training.dataloader import main_process_seed, reseed_transform
 from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
 from mnv2seg.dataset import VOCSegmentation
 from mnv2seg.transforms import collate, eval_transform, train_transform
 
 
-class SegDataModule(pl.LightningDataModule):
-    """VOC 2012 layout segmentation data.
+class SegDataModule(TaskDataModule):
+    """VOC 2012 layout segmentation data (common arguments: :class:`backbone.training.datamodule.TaskDataModule`).
 
     Args:
-        root: the VOC2012 folder (VOCdevkit/VOC2012).
+        root: the VOC2012 folder (VOCdevkit/VOC2012); with ``synthetic``, ``{synthetic.root}/VOCdevkit/VOC2012``.
         train_split / val_split: train | val | trainval | trainaug (trainaug needs sbd_root).
         sbd_root: SBD's benchmark_RELEASE folder (for trainaug).
         num_classes: K, background included (21 for VOC, 7 for the synthetic set).
@@ -28,64 +30,42 @@ class SegDataModule(pl.LightningDataModule):
         batch_size / val_batch_size: per device. Validation batches are padded to their largest
             image (255 = ignored), so any val_batch_size scores exactly the same pixels.
         augment: {scale_min: 0.5, scale_max: 2.0, hflip: true}.
-        normalize: imagenet | tf.
-        synthetic: None, or {root: DIR, num_train, num_val, size, seed}: `prepare_data` generates
-            the synthetic set into DIR with `mnv2.synthetic.ensure_synthetic` (no-op when present).
         class_names: names of the K classes, background first (default: VOC's 21 names for K=21,
             the synthetic generator's names for the synthetic set, else class_i).
         check_masks: scan every mask at setup (default: bad masks are found lazily when loaded;
             either way they are reported with their file name and skipped).
+
+    ``meta`` adds ``palette`` (the VOC colour map) and ``ignore_index`` (255).
     """
+
+    collate_fn = staticmethod(collate)
+    root_fix = "data.root=/path/to/VOCdevkit/VOC2012 (or use data=synthetic_seg)"
 
     def __init__(self, root: str, train_split: str = "train", val_split: str = "val", sbd_root: str | None = None,
                  num_classes: int = 21, crop_size: int = 513, batch_size: int = 16, val_batch_size: int = 4,
                  num_workers: int = 4, augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, class_names: Sequence[str] | None = None,
                  check_masks: bool = False, pin_memory: bool = True) -> None:
-        super().__init__()
-        if root is None or str(root) in ("", "???"):
-            raise ConfigError("data.root", "is not set", "data.root=/path/to/VOCdevkit/VOC2012 (or use data=synthetic_seg)")
-        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if int(value) < 1:
-                raise ConfigError(f"data.{key}", f"must be >= 1, got {value}", "e.g. 16")
-        if int(num_workers) < 0:
-            raise ConfigError("data.num_workers", f"must be >= 0, got {num_workers}", "e.g. 4, or 0 for no workers")
-        self.root = Path(str(root)).expanduser()
+        super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, normalize=normalize, synthetic=synthetic)
         self.train_split, self.val_split = train_split, val_split
         self.sbd_root = sbd_root
-        self.num_classes = int(num_classes)
+        self.num_classes = check_int("num_classes", num_classes, 2)
         self.crop_size = crop_size
-        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
-        self.num_workers = int(num_workers)
         aug = {"scale_min": 0.5, "scale_max": 2.0, "hflip": True}
         unknown = set(augment or {}) - set(aug)
         if unknown:
             raise ConfigError(f"data.augment.{sorted(unknown)[0]}", "unknown key", f"valid keys: {', '.join(aug)}")
         aug.update(augment or {})
         self.augment = aug
-        self.normalize = normalize
-        self.synthetic = dict(synthetic) if synthetic else None
         self.class_names = list(class_names) if class_names is not None else None
         self.check_masks = bool(check_masks)
-        self.pin_memory = bool(pin_memory)
-        self.train_set: VOCSegmentation | None = None
-        self.val_set: VOCSegmentation | None = None
-        self.meta: dict[str, Any] = {}
-        # fail on bad transform settings now, not in a worker
-        try:
-            train_transform(crop_size, float(aug["scale_min"]), float(aug["scale_max"]), bool(aug["hflip"]), normalize)
-        except ArgumentError as e:
-            raise e.to_config_error("data") from None
+        self._train_transform()  # fail on bad crop / augment settings now, not in a worker
 
-    def prepare_data(self) -> None:
-        if self.synthetic:
-            from backbone.training.synthetic import ensure_synthetic
-
-            kw = dict(self.synthetic)
-            out = kw.pop("root", None) or kw.pop("out", None)
-            if out is None:
-                raise ConfigError("data.synthetic.root", "is not set", "the folder the synthetic set is written to")
-            ensure_synthetic(out, **kw)
+    def _train_transform(self) -> A.Compose:
+        aug = self.augment
+        return train_transform(self.crop_size, float(aug["scale_min"]), float(aug["scale_max"]), bool(aug["hflip"]),
+                               self.normalize)
 
     def _names(self) -> list[str]:
         if self.class_names is None and self.synthetic:
@@ -98,33 +78,22 @@ class SegDataModule(pl.LightningDataModule):
         except ValueError as e:
             raise ConfigError("data.class_names", str(e)) from None
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_set is None:
-            tf = train_transform(self.crop_size, float(self.augment["scale_min"]), float(self.augment["scale_max"]),
-                                 bool(self.augment["hflip"]), self.normalize)
-            # the main-process stream (num_workers=0) follows the global seed; workers reseed
-            reseed_transform(tf, torch.initial_seed())
-            self.train_set = VOCSegmentation(self.root, self.train_split, self.sbd_root, self.num_classes, tf,
-                                             on_bad="replace")
-        if self.val_set is None:
-            self.val_set = VOCSegmentation(self.root, self.val_split, self.sbd_root, self.num_classes,
-                                           eval_transform(self.normalize), on_bad="ignore")
+    def build_dataset(self, train: bool) -> VOCSegmentation:
+        if not train:
+            return VOCSegmentation(self.root, self.val_split, self.sbd_root, self.num_classes,
+                                   eval_transform(self.normalize), on_bad="ignore")
+        tf = self._train_transform()
+        # the main-process stream (num_workers=0) follows the global seed and the rank; workers reseed
+        reseed_transform(tf, main_process_seed())
+        return VOCSegmentation(self.root, self.train_split, self.sbd_root, self.num_classes, tf, on_bad="replace")
+
+    def check_datasets(self) -> None:
         if self.check_masks:
-            for ds in (self.train_set, self.val_set):
+            for ds in (self.train_dataset, self.val_dataset):
                 if ds is not None and ds.num_bad == 0:
                     ds.check_all()
-        self.meta = {"class_names": self._names(), "palette": voc_palette().tolist(), "num_classes": self.num_classes,
-                     "ignore_index": IGNORE_INDEX, "normalize": self.normalize}
 
-    def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, train, self.num_workers, collate, self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, self.val_batch_size, train=False)
+    def task_meta(self) -> dict[str, Any]:
+        return {"class_names": self._names(), "num_classes": self.num_classes,
+                "dataset": "/".join([*self.root.parts[-2:], self.val_split]),
+                "palette": voc_palette().tolist(), "ignore_index": IGNORE_INDEX}

@@ -1,37 +1,39 @@
-"""LightningModule for Mobile DeepLabv3 (training, validation with mIoU, evaluation outputs)."""
+"""LightningModule for Mobile DeepLabv3 (training, validation with mIoU, evaluation outputs).
+
+Built from `cfg.model` (the contract: :mod:`backbone.training.task_module`).
+"""
 from __future__ import annotations
 
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from backbone.errors import ArgumentError, ConfigError
-from backbone.training.optim import build_optimizer, build_scheduler, param_groups
+from backbone.errors import ArgumentError
+from backbone.training.task_module import TaskModule
 from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
 from mnv2seg.deeplabv3 import DeepLabV3
 from mnv2seg.inference import DEFAULT_MF_SCALES, INFERENCE_MODES, predict_probs
 from mnv2seg.metrics import ConfusionMatrix, format_report
 
 
-
-class DeepLabModule(pl.LightningModule):
-    """Mobile DeepLabv3 on MobileNetV2, configured with plain dicts (docs/DESIGN.md).
+class DeepLabModule(TaskModule):
+    """Mobile DeepLabv3 on MobileNetV2.
 
     Args:
         num_classes: K, background included.
         backbone: `backbone.build_backbone` kwargs (output_stride, pretrained, ...).
         head / feature / atrous_rates / head_channels / dropout / align_corners: see DeepLabV3.
-        optimizer: mnv2.optim.build_optimizer cfg, e.g. {name: sgd, lr: 0.007, momentum: 0.9, weight_decay: 4e-5}.
-        scheduler: mnv2.optim lr_factor cfg, e.g. {name: poly, power: 0.9}.
+        optimizer / scheduler: partials of a ``torch.optim`` class and a :mod:`backbone.training.optim`
+            schedule (:class:`TaskModule`), e.g. ``partial(torch.optim.SGD, lr=0.007, momentum=0.9,
+            weight_decay=4e-5)`` and ``partial(WarmupPolyLR, power=0.9)``; None: evaluation only.
         inference: "single" or "mf" (multi-scale `mf_scales` + left-right flip when mf_flip) for validation.
         normalize: the input normalisation the weights expect (imagenet | tf); data configs read it.
         save_predictions: keep the predicted masks of the last validation and write them in
@@ -40,14 +42,15 @@ class DeepLabModule(pl.LightningModule):
             during validation.
     """
 
+    num_classes_meaning = "classes (background included)"
+
     def __init__(self, num_classes: int = 21, backbone: dict[str, Any] | None = None, head: str = "lite",
                  feature: str = "layer_18", atrous_rates: Sequence[int] = (6, 12, 18), head_channels: int = 256,
                  dropout: float = 0.1, align_corners: bool = False,
-                 optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
+                 optimizer: Callable[..., Any] | None = None, scheduler: Callable[..., Any] | None = None,
                  inference: str = "single", mf_scales: Sequence[float] = DEFAULT_MF_SCALES, mf_flip: bool = True,
                  normalize: str = "imagenet", save_predictions: bool = False) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(optimizer, scheduler)
         if inference not in INFERENCE_MODES:
             raise ArgumentError("inference", f"must be one of {list(INFERENCE_MODES)}, got {inference!r}",
                               "single, or mf for multi-scale + flip")
@@ -56,15 +59,11 @@ class DeepLabModule(pl.LightningModule):
                               "e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
         self.model = DeepLabV3(num_classes, backbone, head, feature, atrous_rates, head_channels, dropout, align_corners)
         self.num_classes = num_classes
-        self.optimizer_cfg = dict(optimizer or {"name": "sgd", "lr": 0.007, "momentum": 0.9, "weight_decay": 4e-5})
-        self.scheduler_cfg = dict(scheduler or {"name": "poly", "power": 0.9})
         self.inference = inference
         self.mf_scales = tuple(float(s) for s in mf_scales)
         self.mf_flip = bool(mf_flip)
         self.save_predictions = bool(save_predictions)
-        self.predictions_dir: Path | None = None
         self.confmat: ConfusionMatrix | None = None
-        self._metrics: dict[str, Any] | None = None
         self._predictions: dict[str, bytes] = {}
         self._class_names: list[str] | None = None
 
@@ -80,22 +79,11 @@ class DeepLabModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["images"].shape[0])
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        wd = float(self.optimizer_cfg.get("weight_decay", 0.0))
-        groups = param_groups(self.model, wd, bool(self.optimizer_cfg.get("norm_decay", False)))
-        optimizer = build_optimizer(groups, self.optimizer_cfg)
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.scheduler_cfg, total)}
-
     # ------------------------------------------------------------------ validation
     def setup(self, stage: str) -> None:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        meta = getattr(dm, "meta", None) or {}
-        names = meta.get("class_names")
+        super().setup(stage)
+        names = self.meta.get("class_names")
         if names is not None:
-            if len(names) != self.num_classes:
-                raise ConfigError("model.num_classes", f"is {self.num_classes} but the data has {len(names)} classes "
-                                  f"({', '.join(names[:4])}, ...)", "set model.num_classes to the data's class count")
             self._class_names = list(names)
 
     def on_validation_epoch_start(self) -> None:
@@ -168,39 +156,30 @@ class DeepLabModule(pl.LightningModule):
             return self._class_names
         return class_names_for(self.num_classes)
 
-    def evaluation_metrics(self) -> dict[str, float]:
+    def _metrics_of(self, results: dict[str, Any]) -> dict[str, float]:
         """{miou, pixel_acc, mean_acc, fw_iou} (fractions in 0..1) of the last validation epoch."""
-        if self._metrics is None:
-            raise RuntimeError("no validation has run yet: call trainer.validate first")
-        return {k: float(self._metrics[k]) for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")}
+        return {k: float(results[k]) for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")}
 
-    def evaluation_report(self) -> str:
+    def _format_report(self, results: dict[str, Any]) -> str:
         """The per-class IoU table of the last validation epoch."""
-        if self._metrics is None:
-            raise RuntimeError("no validation has run yet: call trainer.validate first")
         mode = "single scale" if self.inference == "single" else f"MF: scales {list(self.mf_scales)}" + (
             " + flip" if self.mf_flip else "")
         title = (f"Mobile DeepLabv3 ({self.hparams.head}, OS{self.model.output_stride}, {mode}) -- "
-                 f"{self._metrics['num_pixels']:,} labelled pixels")
-        return format_report(self._metrics, self.class_names, title)
+                 f"{results['num_pixels']:,} labelled pixels")
+        return format_report(results, self.class_names, title)
 
-    def save_evaluation(self, out_dir: str | Path) -> Path:
+    def _write_evaluation(self, results: dict[str, Any], out_dir: Path) -> Path:
         """Write out_dir/metrics.json ({miou, pixel_acc, mean_acc, fw_iou, iou_per_class: {name: value|None}})
         and, with save_predictions, out_dir/predictions/<name>.png. Returns the metrics.json path."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        m = self._metrics
-        if m is None:
-            raise RuntimeError("no validation has run yet: call trainer.validate first")
 
         def num(v: float) -> float | None:
             return None if v is None or math.isnan(v) else float(v)
 
         doc = {
-            **{k: num(v) for k, v in self.evaluation_metrics().items()},
-            "iou_per_class": {n: num(v) for n, v in zip(self.class_names, m["iou_per_class"])},
-            "acc_per_class": {n: num(v) for n, v in zip(self.class_names, m["acc_per_class"])},
-            "num_pixels": m["num_pixels"],
+            **{k: num(v) for k, v in self._metrics_of(results).items()},
+            "iou_per_class": {n: num(v) for n, v in zip(self.class_names, results["iou_per_class"])},
+            "acc_per_class": {n: num(v) for n, v in zip(self.class_names, results["acc_per_class"])},
+            "num_pixels": results["num_pixels"],
             "inference": self.inference,
             "mf_scales": list(self.mf_scales) if self.inference == "mf" else None,
             "mf_flip": self.mf_flip if self.inference == "mf" else None,

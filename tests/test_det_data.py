@@ -255,7 +255,7 @@ def test_datamodule_config_errors(tmp_path: Path, tiny_coco: Path) -> None:
     with pytest.raises(ConfigError, match="data.batch_size"):
         DetDataModule(root=str(tmp_path), batch_size=0)
     with pytest.raises(ConfigError, match="data.synthetic.bogus"):
-        DetDataModule(root=str(tmp_path), synthetic={"out": str(tmp_path), "bogus": 1})
+        DetDataModule(root=str(tmp_path), synthetic={"root": str(tmp_path), "bogus": 1})
     dm = DetDataModule(root=str(tiny_coco), val_split="val2017", num_classes=80)
     with pytest.raises(ConfigError, match="data.num_classes=3"):
         dm.setup("validate")
@@ -266,10 +266,11 @@ def test_datamodule_config_errors(tmp_path: Path, tiny_coco: Path) -> None:
 def test_datamodule_synthetic_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
     dm = DetDataModule(root=str(out / "coco"), image_size=64, batch_size=4, num_workers=0, num_classes=6,
-                       synthetic={"out": str(out), **SYN_ARGS})
+                       synthetic={"root": str(out), **SYN_ARGS})
     dm.prepare_data()
     dm.setup("fit")
     assert dm.meta["category_ids"] == sorted(CATEGORY_IDS) and len(dm.meta["class_names"]) == 6
+    assert dm.meta["num_classes"] == 6 and dm.meta["dataset"] == "synthetic/coco/val2017"
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (4, 3, 64, 64)
     t = batch["targets"]

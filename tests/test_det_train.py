@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ MAP50_THRESHOLD = 0.25
 def test_short_training_learns(tmp_path: Path) -> None:
     import lightning.pytorch as pl
 
+    from backbone.training.optim import WarmupCosineLR
     from backbone.training.synthetic import ensure_synthetic
     from mnv2det.datamodule import DetDataModule
     from mnv2det.lightning_module import SSDLiteModule
@@ -39,8 +41,8 @@ def test_short_training_learns(tmp_path: Path) -> None:
         module = SSDLiteModule(
             num_classes=6, image_size=64, score_converter="softmax",
             backbone={"pretrained": "none", "width_mult": 0.5, "bn_momentum": 0.1},
-            optimizer={"name": "adamw", "lr": 0.003, "weight_decay": 0.0},
-            scheduler={"name": "cosine", "warmup_fraction": 0.1})
+            optimizer=partial(torch.optim.AdamW, lr=0.003, weight_decay=0.0),
+            scheduler=partial(WarmupCosineLR, warmup_fraction=0.1, warmup_factor=0.001))
         data = DetDataModule(str(out / "coco"), val_split="train2017", image_size=64, batch_size=8, num_workers=0,
                              num_classes=6, augment={"photometric_p": 0, "zoom_out_p": 0, "crop_p": 0, "hflip_p": 0.5})
         trainer = pl.Trainer(max_epochs=40, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -73,13 +75,16 @@ def test_short_training_learns(tmp_path: Path) -> None:
 def _tiny_setup(tmp_path: Path, num_classes: int = 6):
     import lightning.pytorch as pl
 
+    from backbone.training.optim import WarmupCosineLR
     from backbone.training.synthetic import ensure_synthetic
     from mnv2det.datamodule import DetDataModule
     from mnv2det.lightning_module import SSDLiteModule
 
     out = ensure_synthetic(tmp_path / "syn", num_train=4, num_val=5, size=64, seed=1, progress=False)
     module = SSDLiteModule(num_classes=num_classes, image_size=64,
-                           backbone={"pretrained": "none", "width_mult": 0.35})
+                           backbone={"pretrained": "none", "width_mult": 0.35},
+                           optimizer=partial(torch.optim.SGD, lr=0.015, momentum=0.9, weight_decay=4e-5),
+                           scheduler=partial(WarmupCosineLR, warmup_fraction=0.01, warmup_factor=0.001))
     data = DetDataModule(str(out / "coco"), image_size=64, batch_size=2, val_batch_size=2, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, max_steps=2, num_sanity_val_steps=0)
@@ -122,5 +127,5 @@ def test_num_classes_mismatch_is_a_config_error(tmp_path: Path) -> None:
     from backbone.errors import ConfigError
 
     module, data, trainer = _tiny_setup(tmp_path, num_classes=80)
-    with pytest.raises(ConfigError, match="model.num_classes"):
+    with pytest.raises(ConfigError, match="model.num_classes.*is 80 but the data has 6 object classes.*num_classes=6"):
         trainer.validate(module, datamodule=data, verbose=False)

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from backbone.training.checkpoint import load_checkpoint
-from backbone.errors import ConfigError, DataError
-from backbone.training.optim import lr_factor
+from backbone.errors import ArgumentError, DataError
+from backbone.training.optim import WarmupConstantLR, WarmupCosineLR, WarmupExponentialLR, WarmupPolyLR
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -50,7 +50,40 @@ def test_experiments_compose() -> None:
     assert det.model.image_size == 300 and det.model.num_classes == 80
     seg = _compose("train", ["experiment=deeplabv3_mnv2_voc", "data.root=/voc", "paths.output_dir=/tmp/x"])
     assert seg.task_name == "seg" and seg.data.num_classes == 21 and seg.data.crop_size == 513
-    assert seg.model.optimizer.lr == pytest.approx(0.007) and seg.model.scheduler.name == "poly"
+    assert seg.model.optimizer.lr == pytest.approx(0.007) and seg.model.scheduler._target_.endswith(".WarmupPolyLR")
+
+
+@pytest.mark.parametrize("experiment,lr,scheduler", [
+    ("ssdlite_mnv2_coco", 0.05, "WarmupCosineLR"),
+    ("deeplabv3_mnv2_voc", 0.007, "WarmupPolyLR"),
+])
+def test_experiment_replaces_the_optimizer_node(experiment: str, lr: float, scheduler: str) -> None:
+    from hydra.utils import instantiate
+
+    default = _compose("train", ["task=" + ("det" if experiment.startswith("ssd") else "seg"), "paths.output_dir=/tmp/x"])
+    assert default.model.optimizer._target_ == "torch.optim.AdamW" and "betas" in default.model.optimizer
+    cfg = _compose("train", [f"experiment={experiment}", "data.root=/d", "paths.output_dir=/tmp/x"])
+    opt = OmegaConf.to_container(cfg.model.optimizer)
+    # SGD's own node, not AdamW's keys with SGD's merged in
+    assert opt == {"_target_": "torch.optim.SGD", "_partial_": True, "lr": pytest.approx(lr), "momentum": 0.9,
+                   "nesterov": False, "weight_decay": pytest.approx(4e-5)}
+    assert cfg.model.scheduler._target_ == f"backbone.training.optim.{scheduler}"
+    factory = instantiate(cfg.model.optimizer, _convert_="all")
+    built = factory([torch.nn.Parameter(torch.zeros(1))])
+    assert type(built) is torch.optim.SGD and built.defaults["lr"] == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("overrides,target,lr", [
+    (["model.optimizer.lr=0.01"], "torch.optim.AdamW", 0.01),
+    (["experiment=ssdlite_mnv2_coco", "data.root=/coco", "model.optimizer.lr=0.2"], "torch.optim.SGD", 0.2),
+    (["model/optimizer=rmsprop", "model.optimizer.lr=0.045"], "torch.optim.RMSprop", 0.045),
+])
+def test_optimizer_keys_override_from_the_command_line(overrides: list[str], target: str, lr: float) -> None:
+    cfg = _compose("train", [*overrides, "paths.output_dir=/tmp/x"])
+    assert cfg.model.optimizer._target_ == target and cfg.model.optimizer.lr == pytest.approx(lr)
+    assert cfg.model.optimizer._partial_ is True
+    if target == "torch.optim.RMSprop":  # TF-style settings
+        assert (cfg.model.optimizer.alpha, cfg.model.optimizer.momentum, cfg.model.optimizer.eps) == (0.9, 0.9, 1.0)
 
 
 def test_synthetic_dir_depends_on_generator_args() -> None:
@@ -61,15 +94,81 @@ def test_synthetic_dir_depends_on_generator_args() -> None:
     assert d.synthetic.root == a.synthetic.root  # det and seg share one generated set
 
 
-def test_schedules() -> None:
-    cos = {"name": "cosine", "warmup_steps": 10, "warmup_factor": 0.1}
-    assert lr_factor(0, 100, cos) == pytest.approx(0.1)
-    assert lr_factor(10, 100, cos) == pytest.approx(1.0)
-    assert lr_factor(100, 100, cos) == pytest.approx(0.0, abs=1e-9)
-    assert lr_factor(50, 100, {"name": "poly", "power": 0.9}) == pytest.approx(0.5 ** 0.9)
-    assert lr_factor(250, 1000, {"name": "exponential", "decay_rate": 0.5, "decay_steps": 100}) == pytest.approx(0.25)
-    with pytest.raises(ConfigError, match="model.scheduler.name"):
-        lr_factor(0, 10, {"name": "nope"})
+def _factors(schedule: type, steps: int, **kw) -> list[float]:
+    """The LR multiplier at steps 0..steps-1, read from a real optimizer (base LR 2.0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = schedule(opt, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"] / 2.0)
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_schedule() -> None:
+    f = _factors(WarmupCosineLR, 101, total_steps=100, warmup_steps=10, warmup_factor=0.1)
+    assert f[0] == pytest.approx(0.1)
+    assert f[5] == pytest.approx(0.1 + 0.9 * 5 / 10)  # linear warmup
+    assert f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5)  # half way through the 90 decay steps: cos(pi/2)
+    assert f[100] == pytest.approx(0.0, abs=1e-9)
+    f = _factors(WarmupCosineLR, 101, total_steps=100, min_factor=0.2)  # no warmup
+    assert f[0] == pytest.approx(1.0) and f[50] == pytest.approx(0.2 + 0.8 * 0.5) and f[100] == pytest.approx(0.2)
+    f = _factors(WarmupCosineLR, 11, total_steps=200, warmup_fraction=0.05, warmup_factor=0.0)  # 10 warmup steps
+    assert f[4] == pytest.approx(0.4) and f[10] == pytest.approx(1.0)
+    # warmup_steps wins over warmup_fraction (as experiment=ssdlite_mnv2_coco relies on)
+    f = _factors(WarmupCosineLR, 5, total_steps=200, warmup_steps=4, warmup_fraction=0.5, warmup_factor=0.0)
+    assert f[2] == pytest.approx(0.5) and f[4] == pytest.approx(1.0)
+
+
+def test_poly_schedule() -> None:
+    f = _factors(WarmupPolyLR, 101, total_steps=100, power=0.9)
+    assert f[0] == pytest.approx(1.0)
+    assert f[50] == pytest.approx(0.5 ** 0.9)
+    assert f[75] == pytest.approx(0.25 ** 0.9)
+    assert f[100] == pytest.approx(0.0, abs=1e-9)
+    f = _factors(WarmupPolyLR, 56, total_steps=100, warmup_steps=10, warmup_factor=0.001, power=2.0)
+    assert f[0] == pytest.approx(0.001) and f[55] == pytest.approx((1 - 45 / 90) ** 2)
+
+
+def test_exponential_schedule() -> None:
+    f = _factors(WarmupExponentialLR, 251, total_steps=1000, decay_rate=0.5, decay_steps=100)
+    assert f[99] == pytest.approx(1.0) and f[100] == pytest.approx(0.5)  # staircase
+    assert f[250] == pytest.approx(0.25)
+    f = _factors(WarmupExponentialLR, 251, total_steps=1000, warmup_steps=50, warmup_factor=0.0, decay_rate=0.5,
+                 decay_steps=100)
+    assert f[25] == pytest.approx(0.5) and f[50] == pytest.approx(1.0)
+    assert f[149] == pytest.approx(1.0) and f[150] == pytest.approx(0.5) and f[250] == pytest.approx(0.25)
+
+
+def test_constant_schedule() -> None:
+    f = _factors(WarmupConstantLR, 20, total_steps=10, warmup_steps=4, warmup_factor=0.2)
+    assert f[2] == pytest.approx(0.2 + 0.8 * 2 / 4)
+    assert f[4:] == pytest.approx([1.0] * 16)  # past total_steps too
+
+
+def test_unknown_schedule_is_refused() -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="(?s)model/scheduler/nope.*cosine.*poly"):  # lists the options
+        _compose("train", ["model/scheduler=nope", "paths.output_dir=/tmp/x"])
+
+
+@pytest.mark.parametrize("schedule,kw,arg", [
+    (WarmupCosineLR, {"total_steps": 0}, "total_steps"),
+    (WarmupCosineLR, {"total_steps": 10, "warmup_fraction": 1.5}, "warmup_fraction"),
+    (WarmupCosineLR, {"total_steps": 10, "min_factor": -0.1}, "min_factor"),
+    (WarmupPolyLR, {"total_steps": 10, "power": 0}, "power"),
+    (WarmupPolyLR, {"total_steps": 10, "warmup_steps": -1}, "warmup_steps"),
+    (WarmupExponentialLR, {"total_steps": 10, "decay_steps": 0}, "decay_steps"),
+    (WarmupExponentialLR, {"total_steps": 10, "decay_rate": 1.5}, "decay_rate"),
+    (WarmupConstantLR, {"total_steps": 10, "warmup_factor": 2.0}, "warmup_factor"),
+])
+def test_schedule_arguments_are_checked(schedule: type, kw: dict, arg: str) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ArgumentError, match=f"^{arg} must be"):
+        schedule(opt, **kw)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -78,6 +177,8 @@ def test_schedules() -> None:
     (["data=coco", "data.root=/nonexistent/coco"], "/nonexistent/coco"),
     (["model.backbone.pretrained=/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
     (["trainer=ddp", "trainer.devices=2"], "trainer.sync_batchnorm"),  # + trainer.accelerator=cpu below
+    (["model.scheduler.warmup_fraction=2"], "model.scheduler.warmup_fraction"),
+    (["model/optimizer=sgd"], "model.optimizer.lr"),  # lr: ??? (Hydra would drop it from the partial)
 ])
 def test_bad_input_fails_at_startup_with_one_line(run_tool, tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_tool("train.py", [*args, "trainer.accelerator=cpu"], tmp_path / "cache", tmp_path / "run")

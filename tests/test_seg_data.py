@@ -209,6 +209,7 @@ def test_datamodule_on_a_tiny_synthetic_set(tmp_path):
     dm.setup("fit")
     assert dm.meta["class_names"] == ["background", *CLASS_NAMES]
     assert len(dm.meta["palette"]) == 256
+    assert dm.meta["num_classes"] == 7 and dm.meta["ignore_index"] == 255
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (2, 3, 48, 48) and batch["masks"].shape == (2, 48, 48)
     val = next(iter(dm.val_dataloader()))
@@ -240,7 +241,7 @@ def test_loader_workers_draw_their_own_augmentations_and_runs_reproduce(tmp_path
 
     def run(seed: int) -> list[torch.Tensor]:
         torch.manual_seed(seed)
-        dm.train_set = None
+        dm.train_dataset = None
         dm.setup("fit")
         loader = dm.train_dataloader()
         out = [b["images"][0] for b in loader]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backbone.errors import ArgumentError, ConfigError
+from backbone.training.optim import WarmupPolyLR
 from backbone.training.voc_format import voc_palette
 from mnv2seg.datamodule import SegDataModule
 from mnv2seg.lightning_module import DeepLabModule
@@ -60,18 +62,27 @@ def test_training_loss_ignores_255_pixels():
     assert not torch.allclose(F.cross_entropy(logits, masks2, ignore_index=255), expected)
 
 
+class _Trainer:  # the only trainer attribute configure_optimizers reads
+    estimated_stepping_batches = 10
+
+
+def _sgd_poly_module() -> DeepLabModule:
+    return _module(optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=4e-5),
+                   scheduler=partial(WarmupPolyLR, power=0.9))
+
+
 def test_poly_schedule_and_weight_decay_groups():
-    module = _module(optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 4e-5},
-                     scheduler={"name": "poly", "power": 0.9})
-
-    class _T:  # the only trainer attribute configure_optimizers reads
-        estimated_stepping_batches = 10
-
-    module._trainer = _T()
+    module = _sgd_poly_module()
+    module._trainer = _Trainer()
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert cfg["lr_scheduler"]["interval"] == "step"
+    assert type(opt) is torch.optim.SGD and isinstance(sched, WarmupPolyLR) and sched.total_steps == 10
     assert {g["weight_decay"] for g in opt.param_groups} == {4e-5, 0.0}
+    # biases and BN weights are the no-decay group
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    bn = next(m for m in module.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert id(bn.weight) in no_decay and id(bn.bias) in no_decay
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -80,6 +91,41 @@ def test_poly_schedule_and_weight_decay_groups():
     assert lrs[0] == pytest.approx(0.01)
     assert lrs[5] == pytest.approx(0.01 * (1 - 5 / 10) ** 0.9)
     module._trainer = None
+    # the partials stay out of the checkpoint's hyper-parameters; the rest is there
+    assert "optimizer" not in module.hparams and "scheduler" not in module.hparams
+    assert module.hparams["num_classes"] == 7 and module.hparams["head"] == "lite"
+
+
+def test_scheduler_state_dict_round_trips():
+    module = _sgd_poly_module()
+    module._trainer = _Trainer()
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    json.dumps(state)  # plain numbers only (no lambdas, no tensors)
+    resumed = module.configure_optimizers()  # a fresh optimizer + schedule, as when resuming
+    ropt, rsched = resumed["optimizer"], resumed["lr_scheduler"]["scheduler"]
+    ropt.load_state_dict(opt.state_dict())
+    rsched.load_state_dict(state)
+    assert rsched.last_epoch == 4 and rsched.get_last_lr() == pytest.approx(sched.get_last_lr())
+    for _ in range(3):
+        opt.step(), sched.step(), ropt.step(), rsched.step()
+        assert ropt.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 7 / 10) ** 0.9)
+    module._trainer = None
+
+
+def test_training_without_optimizer_is_refused_only_then(tmp_path):
+    module = _module()  # optimizer=None: fine for evaluation
+    with pytest.raises(ConfigError, match="model.optimizer"):
+        module.configure_optimizers()
+    with pytest.raises(ArgumentError, match="^optimizer.lr is not set"):
+        _module(optimizer=partial(torch.optim.SGD, momentum=0.9))
+    with pytest.raises(ArgumentError, match="^scheduler.power must be"):
+        _module(optimizer=partial(torch.optim.SGD, lr=0.1), scheduler=partial(WarmupPolyLR, power=-1))
 
 
 def test_validation_writes_metrics_and_palette_predictions_at_image_size(tmp_path):
@@ -152,6 +198,8 @@ def test_configs_compose_and_build(tmp_path):
         assert cfg.data.root == f"{cfg.data.synthetic.root}/VOCdevkit/VOC2012"
         module = instantiate(cfg.model, _convert_="all")
         assert isinstance(module, DeepLabModule) and module.model.output_stride == 16
+        assert module.optimizer_factory.func is torch.optim.AdamW and module.scheduler_factory.func is WarmupPolyLR
+        assert module.optimizer_factory.keywords == {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 4e-5}
         data = instantiate(cfg.data, _convert_="all")
         assert isinstance(data, SegDataModule) and data.normalize == "imagenet"
 
@@ -159,7 +207,8 @@ def test_configs_compose_and_build(tmp_path):
                                           "data.sbd_root=/data/SBD"])
         assert voc.model.num_classes == 21 and voc.data.train_split == "trainaug" and voc.data.crop_size == 513
         assert voc.trainer.sync_batchnorm is True and voc.trainer.precision == "bf16-mixed"
-        assert voc.model.optimizer.lr == 0.007 and voc.model.scheduler.name == "poly"
+        assert voc.model.optimizer.lr == 0.007 and voc.model.scheduler._target_.endswith(".WarmupPolyLR")
+        assert voc.model.optimizer._target_ == "torch.optim.SGD" and voc.model.scheduler.power == 0.9
         assert voc.model.optimizer.weight_decay == 4e-5 and voc.model.backbone.pretrained == "imagenet"
         assert OmegaConf.select(voc, "data.synthetic") is None
         with pytest.raises(Exception, match="root"):
@@ -182,7 +231,8 @@ def test_short_cpu_training_learns(tmp_path, imagenet_weights):
     dm = _datamodule(tmp_path / "syn", synthetic={"num_train": 64, "num_val": 16, "size": 128}, crop_size=112,
                      batch_size=8, val_batch_size=8, augment={"scale_min": 0.75, "scale_max": 1.25, "hflip": True})
     module = _module(backbone={"pretrained": str(imagenet_weights)},
-                     optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 4e-5})
+                     optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=4e-5),
+                     scheduler=partial(WarmupPolyLR, power=0.9))
     trainer = _trainer(tmp_path, max_epochs=10, check_val_every_n_epoch=10)
     t0 = time.time()
     trainer.validate(module, datamodule=dm, verbose=False)

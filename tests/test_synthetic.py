@@ -311,3 +311,83 @@ def test_cli(tmp_path: Path) -> None:
     assert len(json.loads(_ann_file(out, "val").read_text())["images"]) == 1
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------- both tasks' DataModules on the same synthetic set
+def _datamodule(task: str, root: Path, synthetic: object = "default", **common):
+    """The task's DataModule on the synthetic set under `root` (built with `common` overrides)."""
+    from mnv2det.datamodule import DetDataModule
+    from mnv2seg.datamodule import SegDataModule
+
+    if synthetic == "default":
+        synthetic = {"root": str(root), **TINY, "progress": False}
+    args = {"batch_size": 2, "val_batch_size": 3, "num_workers": 0, "synthetic": synthetic, **common}
+    if task == "det":
+        return DetDataModule(**{"root": str(syn.coco_root(root)), "image_size": 64, "num_classes": K, **args})
+    return SegDataModule(**{"root": str(syn.voc_root(root)), "num_classes": K + 1, "crop_size": 48, **args})
+
+
+def test_datamodules_share_the_contract(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbone.training.datamodule import META_KEYS, TaskDataModule
+
+    calls = []
+    real = syn.ensure_synthetic
+    monkeypatch.setattr(syn, "ensure_synthetic", lambda root, **kw: calls.append((root, kw)) or real(root, **kw))
+    det, seg = _datamodule("det", tiny), _datamodule("seg", tiny)
+    for dm in (det, seg):
+        assert isinstance(dm, TaskDataModule)
+        dm.prepare_data()
+        dm.setup("fit")
+        assert dm.train_dataset is not None and dm.val_dataset is not None
+        meta = dm.meta
+        assert set(META_KEYS) <= set(meta) and meta["normalize"] == "imagenet"
+        assert meta["num_classes"] == len(meta["class_names"]) and isinstance(meta["dataset"], str)
+        for stage in ("val", "test", "predict"):  # every val image once, in order, in each of them
+            loader = getattr(dm, f"{stage}_dataloader")()
+            assert loader.dataset is dm.val_dataset and loader.batch_size == 3
+            assert sum(len(batch["images"]) for batch in loader) == len(dm.val_dataset) == TINY["num_val"]
+        assert dm.train_dataloader().batch_size == 2
+    assert calls == [(str(tiny), {**TINY, "progress": False})] * 2  # `root` popped
+    # the same keys in both, plus each task's own
+    assert set(det.meta) - {"category_ids"} == set(seg.meta) - {"palette", "ignore_index"} == set(META_KEYS)
+    assert det.meta["class_names"] == list(CLASS_NAMES) and det.meta["num_classes"] == K
+    assert det.meta["category_ids"] == list(CATEGORY_IDS) and det.meta["dataset"].endswith("coco/val2017")
+    assert seg.meta["class_names"] == ["background", *CLASS_NAMES] and seg.meta["num_classes"] == K + 1
+    assert seg.meta["ignore_index"] == IGNORE_INDEX and seg.meta["palette"] == voc_palette().tolist()
+    assert seg.meta["dataset"] == "VOCdevkit/VOC2012/val"
+
+
+@pytest.mark.parametrize("task", ["det", "seg"])
+@pytest.mark.parametrize("synthetic, key", [
+    ({"num_train": 2}, "data.synthetic.root"),
+    ({"out": "/tmp/x", "num_train": 2}, "data.synthetic.root"),  # no `out` alias any more
+    ({"root": "/tmp/x", "out": "/tmp/x"}, "data.synthetic.out"),
+    ({"root": "/tmp/x", "colour": "red"}, "data.synthetic.colour"),
+    ("/tmp/x", "data.synthetic"),
+])
+def test_datamodules_refuse_bad_synthetic_config(tmp_path: Path, task: str, synthetic: object, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        _datamodule(task, tmp_path, synthetic=synthetic)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"root": "???"}, "data.root"), ({"root": None}, "data.root"), ({"batch_size": 0}, "data.batch_size"),
+    ({"val_batch_size": True}, "data.val_batch_size"), ({"num_workers": -1}, "data.num_workers"),
+    ({"num_workers": 1.5}, "data.num_workers"), ({"normalize": "caffe"}, "data.normalize"),
+    ({"normalize": {"mean": [0.5] * 3, "std": [0, 1, 1]}}, "data.normalize"),
+])
+def test_datamodules_check_common_arguments_alike(tmp_path: Path, override: dict, key: str) -> None:
+    from mnv2det.datamodule import DetDataModule
+    from mnv2seg.datamodule import SegDataModule
+
+    for cls in (DetDataModule, SegDataModule):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            cls(**{"root": str(tmp_path), **override})
+
+
+def test_datamodules_accept_common_arguments_alike(tmp_path: Path) -> None:
+    normalize = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    det, seg = (_datamodule(task, tmp_path, synthetic=None, normalize=normalize, pin_memory=False)
+                for task in ("det", "seg"))
+    assert det.val_batch_size == seg.val_batch_size == 3 and not det.pin_memory and not seg.pin_memory
+    assert det.synthetic is None and seg.synthetic is None

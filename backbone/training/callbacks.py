@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 
 class ElapsedTime(pl.Callback):
     """Logs `time/elapsed_min` (wall-clock minutes since fit start) with every validation epoch,
-    so metric-against-minutes curves can be read from any logger (tools/curve.py)."""
+    so metric-against-minutes curves can be read from any logger (tools/results.py)."""
 
     def __init__(self) -> None:
         self.start: float | None = None

@@ -21,9 +21,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from backbone.errors import DataError
+from backbone.errors import ConfigError, DataError
 
 FORMAT = 1
 
@@ -78,3 +80,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(path, "checkpoint carries no mnv2 run config (no 'mnv2' entry)",
                         "use a checkpoint written by tools/train.py or tools/import_tf.py")
     return ckpt
+
+
+def command_line_overrides(prefix: str = "model.") -> list[Any]:
+    """The parsed Hydra overrides (``hydra.core.override_parser``) of keys under ``prefix``."""
+    try:
+        raw = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main
+        return []
+    return [o for o in OverridesParser.create().parse_overrides(raw) if o.key_or_group.startswith(prefix)]
+
+
+def model_config_from_checkpoint(info: dict[str, Any], overrides: list[Any]) -> DictConfig:
+    """The checkpoint's model config with the command line's ``model.*`` overrides merged on top."""
+    model_cfg = OmegaConf.create(info["config"]["model"])
+    for o in overrides:
+        key = o.key_or_group[len("model."):]
+        if o.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(model_cfg, parent) if parent else model_cfg
+            if node is None or leaf not in node:
+                raise ConfigError(o.key_or_group, "is not in the checkpoint's model config, nothing to delete")
+            with open_dict(node):
+                del node[leaf]
+        else:
+            OmegaConf.update(model_cfg, key, o.value(), merge=True, force_add=True)
+    with open_dict(model_cfg):
+        if "backbone" in model_cfg:
+            model_cfg.backbone.pretrained = "none"  # the checkpoint holds the weights
+    return model_cfg

@@ -1,8 +1,13 @@
-"""The DataLoader both tasks use: per-worker augmentation seeds, the DDP val sampler, `make_loader`.
+"""The DataLoader both tasks use: per-worker, per-rank augmentation seeds, the DDP val sampler,
+`make_loader`.
 
 albumentations' ``Compose`` owns its random generator. A forked DataLoader worker copies it verbatim
 from the parent, so without reseeding every worker repeats the others' draws (worker 0 and 1 crop
 their i-th images identically) and, with an unseeded Compose, two runs with the same seed differ.
+Under DDP every rank runs ``seed_everything`` with the same seed, so the seeds a loader derives
+(``torch.initial_seed()``, the workers' ``base_seed + worker_id``) are the same on every rank: the
+global rank is mixed in (:func:`rank_seed`), else rank 1 draws rank 0's crops and flips. Rank 0
+keeps the plain seed, so single-process runs are unchanged.
 """
 from __future__ import annotations
 
@@ -27,22 +32,47 @@ def reseed_transform(transform: Any, seed: int) -> bool:
     return False
 
 
+def global_rank() -> int:
+    """This process's rank among all DDP processes (0 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """``seed`` made distinct per DDP rank (rank 0: ``seed`` itself)."""
+    rank = global_rank() if rank is None else int(rank)
+    return (int(seed) + rank * 0x9E3779B1) % 2**63  # golden-ratio stride: ranks' streams never meet
+
+
+def main_process_seed() -> int:
+    """The augmentation seed of a loader without workers: the global seed, mixed with the rank."""
+    return rank_seed(torch.initial_seed())
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker its own augmentation stream.
+    """DataLoader ``worker_init_fn``: give each worker (of each rank) its own augmentation stream.
 
     ``get_worker_info().seed`` derives from the loader's base seed, so runs under
     ``seed_everything`` stay reproducible.
     """
+    import random
+
     import cv2
 
     cv2.setNumThreads(1)  # the DataLoader already parallelises over workers
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
+    seed = rank_seed(info.seed)
     for attr in ("transforms", "transform"):
-        if reseed_transform(getattr(info.dataset, attr, None), info.seed):
+        if reseed_transform(getattr(info.dataset, attr, None), seed):
             break
-    np.random.seed(info.seed % 2**32)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    torch.manual_seed(seed)  # rank 0: the seed the DataLoader gave this worker already
 
 
 def eval_sampler(dataset: Dataset) -> Sampler | None:

@@ -43,9 +43,13 @@ class COCOEvaluator:
 
     Args:
         coco_gt: a ``pycocotools.coco.COCO`` or the path of an instances json.
-        category_ids: dataset category id of each contiguous label ``1..K`` (``category_ids[k-1]``).
+        category_ids: the category id of each contiguous label ``1..K`` (``category_ids[k-1]``): the
+            model's ids, matched with the ground truth's by id. Scoring is over the ground truth's
+            categories: one the model does not have scores as missed (AP 0 where it has annotations),
+            detections of an id the ground truth does not have are not scored.
         img_ids: the image ids evaluated (default: every image in ``coco_gt``).
-        class_names: names of labels ``1..K`` for the per-class lines of the report (default: GT names).
+        class_names: names of labels ``1..K`` (default: GT names); the per-class lines of the report
+            use the GT's names of its categories.
     """
 
     def __init__(self, coco_gt: Any, category_ids: Sequence[int], img_ids: Sequence[int] | None = None,
@@ -128,8 +132,9 @@ class COCOEvaluator:
         self.num_images = len(self.img_ids)
         self.num_images_with_detections = len(set(dets) & set(self.img_ids))
         self.results = self.to_coco_results(dets)
-        self.metrics, self.report = score_results(self.coco_gt, self.results, self.img_ids,
-                                                  dict(zip(self.category_ids, self.class_names)))
+        names = {**dict(zip(self.category_ids, self.class_names)),
+                 **{int(c): str(cat.get("name", c)) for c, cat in self.coco_gt.cats.items()}}
+        self.metrics, self.report = score_results(self.coco_gt, self.results, self.img_ids, names)
         return dict(self.metrics)
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:

@@ -5,9 +5,13 @@ Layout::
     ROOT/train2017/*.jpg, ROOT/val2017/*.jpg
     ROOT/annotations/instances_{train2017,val2017}.json
 
-Labels: the categories of the annotation file, sorted by id, become contiguous labels ``1..K``
-(0 is the background slot of the SSD classifier); ``label_to_cat_id`` / ``cat_id_to_label``
-translate between them.
+Labels: by default the categories of the annotation file, sorted by id, become contiguous labels
+``1..K`` (0 is the background slot of the SSD classifier). A model trained elsewhere brings its own
+category ids (``label_category_ids``, e.g. a TF label map's 90 ids for COCO's 80 categories): label k
+is then the model's ``label_category_ids[k-1]`` and annotations of categories the model does not
+know are left out of the targets (they stay in ``coco``, the ground truth scored by
+:mod:`mnv2det.coco_eval`). ``label_to_cat_id`` / ``cat_id_to_label`` translate either way.
+:func:`read_categories` reads only the ``categories`` of an annotation file (no index, no image).
 
 Robustness choices:
 * Boxes are converted xywh -> xyxy and clipped to the image. Boxes with width or height < 1 px
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,6 +45,44 @@ LAYOUT = "ROOT/{train2017,val2017}/*.jpg and ROOT/annotations/instances_{split}.
 Target = dict[str, Any]
 # transforms(image HWC uint8, target) -> (image, target); see mnv2det.transforms.DetectionTransform.
 Transforms = Callable[[np.ndarray, Target], tuple[Any, Target]]
+
+
+def split_paths(root: Path | str, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of ``split`` under ``root``; DataError naming what is missing."""
+    root = Path(root).expanduser()
+    fix = f"set data.root=... to a directory laid out as {LAYOUT}"
+    if not root.is_dir():
+        raise DataError(root, "dataset root not found", fix)
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        raise DataError(ann_file, f"annotation file for split '{split}' not found", fix)
+    img_dir = root / split
+    if not img_dir.is_dir():
+        raise DataError(img_dir, f"image directory for split '{split}' not found", fix)
+    return ann_file, img_dir
+
+
+def categories(dataset: dict[str, Any], ann_file: Path | str) -> tuple[list[int], list[str]]:
+    """(ids sorted, their names) of a COCO instances dict's ``categories``; DataError when there are none."""
+    cats = {}
+    for c in dataset.get("categories") or []:
+        cats[int(c["id"])] = str(c.get("name", c["id"]))
+    if not cats:
+        raise DataError(ann_file, "has no categories", "use a COCO instances file with 'categories'")
+    ids = sorted(cats)
+    return ids, [cats[c] for c in ids]
+
+
+def read_categories(ann_file: Path | str) -> tuple[list[int], list[str]]:
+    """The ``categories`` of an annotation file, read with ``json`` (no pycocotools index): (ids, names)."""
+    ann_file = Path(ann_file)
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+        return categories(dataset, ann_file)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(ann_file, f"not a valid COCO instances annotation file ({type(e).__name__}: {e})",
+                        "re-download or regenerate the annotations") from e
 
 
 def load_coco(ann_file: Path | str) -> Any:
@@ -62,6 +105,11 @@ class COCODetection:
         root: directory holding ``{split}/`` and ``annotations/instances_{split}.json``.
         split: ``train2017`` | ``val2017`` (any name with that layout works).
         transforms: ``(image, target) -> (image, target)``; None returns the raw sample.
+        label_category_ids: the category id of each label ``1..K`` (a model's classes); default: the
+            file's categories sorted by id. Annotations of other categories are left out of the targets.
+
+    ``category_ids`` / ``class_names`` are the FILE's categories (what is scored);
+    ``label_category_ids`` what the labels mean.
 
     ``dataset[i] -> (image, target)`` with image (H, W, 3) uint8 RGB (or what the transforms
     return) and target::
@@ -71,27 +119,18 @@ class COCODetection:
         of the predictions scored against them).
     """
 
-    def __init__(self, root: str | Path, split: str = "train2017", transforms: Transforms | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train2017", transforms: Transforms | None = None,
+                 label_category_ids: Sequence[int] | None = None) -> None:
         self.root = Path(root).expanduser()
         self.split = split
         self.transforms = transforms
-        fix = f"set data.root=... to a directory laid out as {LAYOUT}"
-        if not self.root.is_dir():
-            raise DataError(self.root, "dataset root not found", fix)
-        self.ann_file = self.root / "annotations" / f"instances_{split}.json"
-        if not self.ann_file.is_file():
-            raise DataError(self.ann_file, f"annotation file for split '{split}' not found", fix)
-        self.img_dir = self.root / split
-        if not self.img_dir.is_dir():
-            raise DataError(self.img_dir, f"image directory for split '{split}' not found", fix)
+        self.ann_file, self.img_dir = split_paths(self.root, split)
 
         self.coco = load_coco(self.ann_file)
-        self.category_ids: list[int] = sorted(int(c) for c in self.coco.cats)
-        if not self.category_ids:
-            raise DataError(self.ann_file, "has no categories", "use a COCO instances file with 'categories'")
-        self.class_names: list[str] = [str(self.coco.cats[c]["name"]) for c in self.category_ids]
-        self.label_to_cat_id: dict[int, int] = {i + 1: c for i, c in enumerate(self.category_ids)}
-        self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        self.category_ids, self.class_names = categories(self.coco.dataset, self.ann_file)
+        self.label_category_ids: list[int] = [int(c) for c in (label_category_ids or self.category_ids)]
+        self.label_to_cat_id: dict[int, int] = {i + 1: c for i, c in enumerate(self.label_category_ids)}
+        self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.label_category_ids)}
 
         on_disk = set(os.listdir(self.img_dir))  # one listdir instead of a stat per image
         ids, missing = [], []
@@ -111,11 +150,16 @@ class COCODetection:
         """All targets at once (one pass over the annotations), degenerate boxes dropped."""
         empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "crowd": np.zeros(0, bool)}
         anns = [a for a in self.coco.dataset.get("annotations", []) if a.get("image_id") in self.coco.imgs]
-        unknown = [a for a in anns if a.get("category_id") not in self.cat_id_to_label]
+        known = set(self.category_ids)
+        unknown = [a for a in anns if a.get("category_id") not in known]
         if unknown:
             a = unknown[0]
             raise DataError(self.ann_file, f"annotation {a.get('id')} (image {a.get('image_id')}) has category_id "
                             f"{a.get('category_id')} not in 'categories'", "fix the annotation file")
+        labelled = [a for a in anns if a["category_id"] in self.cat_id_to_label]
+        #: annotations of categories without a label (not in ``label_category_ids``): not in the targets
+        self.num_unlabelled = len(anns) - len(labelled)
+        anns = labelled
         out: dict[int, Target] = {}
         if anns:
             img_id = np.array([a["image_id"] for a in anns], dtype=np.int64)

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from backbone.layers import ConvBNAct
 from backbone.errors import ArgumentError
+from backbone.layers import ConvBNAct
 
 INITS = ("tf", "xavier")
 

@@ -21,6 +21,7 @@ from backbone.errors import ArgumentError, ConfigError
 from backbone.training.task_module import TaskModule
 from mnv2det.coco_eval import COCOEvaluator
 from mnv2det.ssdlite import build_ssdlite
+from mnv2det.transforms import check_resize
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class SSDLiteModule(TaskModule):
         image_size: square network input side (the data pipeline resizes to it).
         score_converter: ``softmax`` (CE + hard negative mining) | ``sigmoid`` (loss.cls_loss ce | focal).
         normalize: ``imagenet`` | ``tf`` (input normalisation the backbone expects).
+        resize: how the data pipeline resizes the input (``data.resize`` reads it): ``cv2_linear``
+            (models trained here) | ``tf_bilinear`` (imported TF graphs; :data:`mnv2det.transforms.EVAL_RESIZES`).
         optimizer / scheduler: partials of a ``torch.optim`` class and a
             :mod:`backbone.training.optim` schedule (:class:`TaskModule`); None: evaluation only.
         **model: other SSDLite kwargs: anchor, loss, postprocess, matcher, head, extra_depths,
@@ -46,12 +49,13 @@ class SSDLiteModule(TaskModule):
     num_classes_meaning = "object classes (background excluded)"
 
     def __init__(self, num_classes: int = 80, backbone: dict[str, Any] | None = None, image_size: int = 300,
-                 score_converter: str = "softmax", normalize: str = "imagenet",
+                 score_converter: str = "softmax", normalize: str = "imagenet", resize: str = "cv2_linear",
                  optimizer: Callable[..., Any] | None = None, scheduler: Callable[..., Any] | None = None,
                  **model: Any) -> None:
         super().__init__(optimizer, scheduler)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
             raise ArgumentError("image_size", f"must be an integer >= 32, got {image_size!r}", "e.g. 300")
+        self.resize = check_resize(resize)
         self.model = build_ssdlite({"num_classes": num_classes, "backbone": dict(backbone or {}),
                                     "image_size": image_size, "score_converter": score_converter,
                                     "normalize": normalize, **model})

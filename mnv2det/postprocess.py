@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 import torchvision
 
-from mnv2det.box_coder import BoxCoder
 from backbone.errors import ArgumentError
-
+from mnv2det.box_coder import BoxCoder
 
 SCORE_CONVERTERS = ("softmax", "sigmoid")
 

@@ -27,10 +27,10 @@ from torch import nn
 
 from backbone import build_backbone
 from backbone.errors import ArgumentError, DataError, argument_scope
+from backbone.layers import ConvBNAct
 from backbone.normalization import resolve_normalization
 from mnv2det.anchor_generator import DefaultBoxGenerator
 from mnv2det.box_coder import BoxCoder
-from backbone.layers import ConvBNAct
 from mnv2det.head import SSDLiteHead
 from mnv2det.loss import SSDLoss
 from mnv2det.matcher import IGNORE, match
@@ -226,9 +226,16 @@ class SSDLite(nn.Module):
 
     def compute_loss(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
                      ) -> dict[str, torch.Tensor]:
-        """outputs of forward + padded targets (see assign_targets) -> dict(loss, loss_cls, loss_box, num_pos)."""
+        """outputs of forward + padded targets (see assign_targets) -> dict(loss, loss_cls, loss_box, num_pos).
+
+        With ``loss.miner_nms_iou`` the loss also gets the decoded predicted boxes (detached: they only
+        steer the mining NMS, as TF's ``ssd_meta_arch._apply_hard_mining``)."""
         labels, box_targets, _ = self.assign_targets(outputs["anchors"], targets)
-        return self.loss_fn(outputs["cls_logits"], outputs["bbox_regression"], labels, box_targets)
+        decoded = None
+        if self.loss_fn.miner_nms_iou is not None:
+            decoded = self.box_coder.decode(outputs["bbox_regression"].detach().float(), outputs["anchors"].float())
+        return self.loss_fn(outputs["cls_logits"], outputs["bbox_regression"], labels, box_targets,
+                            decoded_boxes=decoded)
 
     # ------------------------------------------------------------------ inference
     def postprocess(self, outputs: Mapping[str, torch.Tensor], image_sizes: torch.Tensor

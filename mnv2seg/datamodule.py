@@ -1,21 +1,23 @@
 """LightningDataModule for VOC-layout segmentation data (real VOC + SBD, or the synthetic set).
 
 Arguments, datasets, loaders and ``meta``: :mod:`backbone.training.datamodule`. Batches:
-:func:`mnv2seg.transforms.collate`.
+:func:`mnv2seg.transforms.collate` (val batches padded to ``eval_size``).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import albumentations as A
+import numpy as np
 
 from backbone.errors import ConfigError
 from backbone.normalization import NormalizeSpec
-from backbone.training.datamodule import TaskDataModule, check_int
-from backbone.training.dataloader import main_process_seed, reseed_transform
-from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
+from backbone.training.dataloader import main_process_seed, make_loader, reseed_transform
+from backbone.training.datamodule import TaskDataModule, check_num_classes
+from backbone.training.voc_format import IGNORE_INDEX, VOC_CLASS_NAMES, class_names_for, voc_palette
 from mnv2seg.dataset import VOCSegmentation
-from mnv2seg.transforms import collate, eval_transform, train_transform
+from mnv2seg.transforms import collate, eval_transform, fitting_size, train_transform
 
 
 class SegDataModule(TaskDataModule):
@@ -25,10 +27,16 @@ class SegDataModule(TaskDataModule):
         root: the VOC2012 folder (VOCdevkit/VOC2012); with ``synthetic``, ``{synthetic.root}/VOCdevkit/VOC2012``.
         train_split / val_split: train | val | trainval | trainaug (trainaug needs sbd_root).
         sbd_root: SBD's benchmark_RELEASE folder (for trainaug).
-        num_classes: K, background included (21 for VOC, 7 for the synthetic set).
+        num_classes: K, background included, or ``auto`` / None: ``len(class_names)``, else VOC's 21
+            (the synthetic set's 7 when ``synthetic`` is set); an explicit K is checked against class_names.
         crop_size: training crop (513 for VOC).
-        batch_size / val_batch_size: per device. Validation batches are padded to their largest
-            image (255 = ignored), so any val_batch_size scores exactly the same pixels.
+        batch_size / val_batch_size: per device.
+        eval_size: N or [h, w]: every val image is padded (bottom/right, mean pixel / 255 = ignored)
+            to this one size, as TF DeepLab's eval_crop_size (513 for VOC, whose images are at most
+            500 px), so its prediction, and the mIoU, do not depend on val_batch_size or on how DDP
+            splits the val set. Use a 16k+1 size that holds the largest val image; a larger image
+            pads its batch to the next 16k+1 that fits, with a warning naming it. None: pad each
+            batch to its largest image (scores then depend on the batching).
         augment: {scale_min: 0.5, scale_max: 2.0, hflip: true}.
         class_names: names of the K classes, background first (default: VOC's 21 names for K=21,
             the synthetic generator's names for the synthetic set, else class_i).
@@ -42,15 +50,16 @@ class SegDataModule(TaskDataModule):
     root_fix = "data.root=/path/to/VOCdevkit/VOC2012 (or use data=synthetic_seg)"
 
     def __init__(self, root: str, train_split: str = "train", val_split: str = "val", sbd_root: str | None = None,
-                 num_classes: int = 21, crop_size: int = 513, batch_size: int = 16, val_batch_size: int = 4,
+                 num_classes: int | str | None = 21, crop_size: int = 513, batch_size: int = 16, val_batch_size: int = 4,
                  num_workers: int = 4, augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, class_names: Sequence[str] | None = None,
-                 check_masks: bool = False, pin_memory: bool = True) -> None:
+                 check_masks: bool = False, pin_memory: bool = True,
+                 eval_size: int | Sequence[int] | None = 513) -> None:
         super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, normalize=normalize, synthetic=synthetic)
         self.train_split, self.val_split = train_split, val_split
         self.sbd_root = sbd_root
-        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.num_classes = check_num_classes(num_classes, 2)
         self.crop_size = crop_size
         aug = {"scale_min": 0.5, "scale_max": 2.0, "hflip": True}
         unknown = set(augment or {}) - set(aug)
@@ -59,7 +68,9 @@ class SegDataModule(TaskDataModule):
         aug.update(augment or {})
         self.augment = aug
         self.class_names = list(class_names) if class_names is not None else None
+        self.resolve_classes()  # from the config alone: `auto` -> K now
         self.check_masks = bool(check_masks)
+        self.eval_size = _check_eval_size(eval_size)
         self._train_transform()  # fail on bad crop / augment settings now, not in a worker
 
     def _train_transform(self) -> A.Compose:
@@ -67,16 +78,16 @@ class SegDataModule(TaskDataModule):
         return train_transform(self.crop_size, float(aug["scale_min"]), float(aug["scale_max"]), bool(aug["hflip"]),
                                self.normalize)
 
-    def _names(self) -> list[str]:
-        if self.class_names is None and self.synthetic:
+    def read_classes(self) -> tuple[list[str], str]:
+        """data.class_names; else the synthetic set's (when its count fits), VOC's 21 (auto) or class_i."""
+        if self.class_names is not None:
+            return list(self.class_names), "data.class_names"
+        if self.synthetic:
             from backbone.training.synthetic import CLASS_NAMES
 
-            if self.num_classes == len(CLASS_NAMES) + 1:
-                return ["background", *CLASS_NAMES]
-        try:
-            return class_names_for(self.num_classes, self.class_names)
-        except ValueError as e:
-            raise ConfigError("data.class_names", str(e)) from None
+            if self.num_classes in (None, len(CLASS_NAMES) + 1):
+                return ["background", *CLASS_NAMES], "the synthetic set"
+        return class_names_for(self.num_classes or len(VOC_CLASS_NAMES)), "data.num_classes"
 
     def build_dataset(self, train: bool) -> VOCSegmentation:
         if not train:
@@ -87,6 +98,11 @@ class SegDataModule(TaskDataModule):
         reseed_transform(tf, main_process_seed())
         return VOCSegmentation(self.root, self.train_split, self.sbd_root, self.num_classes, tf, on_bad="replace")
 
+    def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> Any:
+        """The base's loader; val batches are padded to ``eval_size`` (training crops are stacked)."""
+        fn = self.collate_fn if train else partial(collate, eval_size=self.eval_size)
+        return make_loader(dataset, batch_size, train, self.num_workers, fn, self.pin_memory)
+
     def check_datasets(self) -> None:
         if self.check_masks:
             for ds in (self.train_dataset, self.val_dataset):
@@ -94,6 +110,18 @@ class SegDataModule(TaskDataModule):
                     ds.check_all()
 
     def task_meta(self) -> dict[str, Any]:
-        return {"class_names": self._names(), "num_classes": self.num_classes,
+        return {"class_names": self.read_classes()[0], "num_classes": self.num_classes,
                 "dataset": "/".join([*self.root.parts[-2:], self.val_split]),
                 "palette": voc_palette().tolist(), "ignore_index": IGNORE_INDEX}
+
+
+def _check_eval_size(eval_size: Any) -> tuple[int, int] | None:
+    """``data.eval_size`` (null, N or [h, w], integers >= 1) as None or (h, w)."""
+    if eval_size is None:
+        return None
+    values = list(eval_size) if isinstance(eval_size, (list, tuple)) else [eval_size]
+    if len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                        for v in values):
+        raise ConfigError("data.eval_size", f"must be null, an integer >= 1 or [h, w], got {eval_size!r}",
+                          f"a 16k+1 size holding the largest val image, e.g. {fitting_size(500)} for VOC")
+    return int(values[0]), int(values[-1])

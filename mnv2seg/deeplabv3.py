@@ -31,7 +31,14 @@ class DeepLabV3(nn.Module):
         atrous_rates: ASPP rates at output stride 16; scaled by 16 / output_stride (12/24/36 at OS8).
         head_channels: branch / projection width (256).
         dropout: dropout before the classifier.
-        align_corners: of the final bilinear upsampling of the logits.
+        align_corners: of the bilinear upsampling of the logits to the input size. True is TF
+            DeepLab's (research/deeplab/model.py: ``predict_labels`` resizes the logits with
+            ``tf.image.resize_bilinear(..., align_corners=True)``, as do ``multi_scale_logits`` and
+            the image-pooling branch of ``extract_features``); it maps feature j to pixel
+            ``output_stride * j``, exactly where this backbone computes it on ``16k+1`` inputs (513,
+            161), hence TF's 16k+1 crop sizes. The head's only other resize, the image-pooling
+            branch's, is from 1x1 and the same either way; MF inference reads this attribute for its
+            own resizes (:mod:`mnv2seg.inference`).
     """
 
     def __init__(self, num_classes: int, backbone: dict[str, Any] | None = None, head: str = "lite",

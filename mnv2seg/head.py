@@ -28,7 +28,12 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 1, dilation: int = 
 class ImagePooling(nn.Module):
     """Image-level features: global average pool -> 1x1 conv + BN + ReLU -> back to the feature size.
 
-    Upsampling a 1x1 map bilinearly is a broadcast, so `expand` gives the same values for free.
+    The average is over the whole feature map, padding included, as TF DeepLab's (model.py
+    ``extract_features``: ``avg_pool2d`` over the full ``scale_dimension(crop_size, 1 / output_stride)``
+    map of the padded eval crop); hence the fixed eval size (``data.eval_size``), which makes it the
+    same for an image whatever its batch. TF then resizes the 1x1 map back with align_corners=True;
+    upsampling a 1x1 map bilinearly is a broadcast (align_corners or not), so `expand` gives the same
+    values for free.
     """
 
     def __init__(self, in_ch: int, out_ch: int, bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:

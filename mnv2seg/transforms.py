@@ -2,12 +2,22 @@
 
 Training (as TF DeepLab's input_preprocess): random scale in [0.5, 2.0], pad to the crop with the
 mean pixel (image) / 255 (mask), random crop (513 by default), random left-right flip, normalise,
-to tensor. Evaluation: the whole image at its own size, normalised only; `collate` pads a batch to
-its largest image with 0 (= the mean pixel after normalisation) and 255 (ignored), and keeps each
-image's own size so predictions can be cropped back.
+to tensor. Evaluation: the whole image at its own size, normalised only; `collate` pads it at the
+bottom/right with 0 (= the mean pixel after normalisation) and 255 (ignored) and keeps each image's
+own size so predictions can be cropped back.
+
+Eval padding (``eval_size``): TF DeepLab pads every eval image to one fixed ``eval_crop_size``
+(513x513 for VOC): research/deeplab/input_preprocess.py ``preprocess_image_and_label`` pads at the
+bottom/right to ``max(image, crop)`` with ``pad_to_bounding_box(image, 0, 0, target_height,
+target_width, mean_pixel)`` (the label with ``ignore_label``), crops only when training, and then
+sets the shape to the crop, so a larger eval image is an error there. The network sees the padding (the image-pooling branch averages over
+it, convolutions near the border read it), so a prediction depends on how much padding surrounds
+its image: with one fixed size it depends on the image alone, whatever the batch size or DDP split.
+``eval_size=None`` pads to the batch's largest image instead: scores then depend on the batching.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import albumentations as A
@@ -19,6 +29,16 @@ from albumentations.pytorch import ToTensorV2
 from backbone.errors import ConfigError
 from backbone.normalization import NormalizeSpec, resolve_normalization
 from backbone.training.voc_format import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+#: Eval sizes are SIZE_STEP * k + 1 (TF DeepLab's 513 = 16 * 32 + 1): with the backbone's stride-2
+#: convs (symmetric padding 1, which is also TF 'SAME' on odd sizes), feature j of an output stride
+#: 16 (or 8) map is centred on pixel 16 * j (8 * j), so the first and last features sit on the
+#: first and last pixels, which is what align_corners=True upsampling assumes.
+SIZE_STEP = 16
+_warned_oversize: set[str] = set()
+
 
 def train_transform(crop_size: int | Sequence[int] = 513, scale_min: float = 0.5, scale_max: float = 2.0,
                     hflip: bool = True, normalize: NormalizeSpec = "imagenet") -> A.Compose:
@@ -57,16 +77,42 @@ def eval_transform(normalize: NormalizeSpec = "imagenet") -> A.Compose:
     return A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch samples of possibly different sizes.
+def fitting_size(n: int, step: int = SIZE_STEP) -> int:
+    """The smallest ``step * k + 1`` >= n (e.g. 341 -> 353, 500 -> 513, 513 -> 513)."""
+    return step * max(0, -(-(int(n) - 1) // step)) + 1
 
-    Returns {images: (B, 3, H, W) float (0-padded to the batch max), masks: (B, H, W) int64
-    (255-padded), sizes: (B, 2) int64 each image's own (h, w), names: list[str]}.
+
+def eval_hw(eval_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``eval_size`` (None, N or [h, w]) as None or (h, w)."""
+    if eval_size is None:
+        return None
+    if isinstance(eval_size, (int, np.integer)):
+        return int(eval_size), int(eval_size)
+    h, w = eval_size
+    return int(h), int(w)
+
+
+def collate(samples: list[dict[str, Any]], eval_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """Batch samples of possibly different sizes, padded at the bottom/right.
+
+    eval_size: None pads to the batch's largest image (training crops are all the same size, so
+    they are only stacked). N or [h, w]: every image is padded to that one size (TF DeepLab's
+    eval_crop_size), so its prediction does not depend on its batch. An image larger than it pads
+    its batch to the smallest ``16k + 1`` that fits and is reported once (a warning naming it).
+
+    Returns {images: (B, 3, H, W) float (0-padded), masks: (B, H, W) int64 (255-padded),
+    sizes: (B, 2) int64 each image's own (h, w), names: list[str]}.
     """
     images = [s["image"] for s in samples]
     masks = [torch.as_tensor(np.asarray(s["mask"])) if not torch.is_tensor(s["mask"]) else s["mask"] for s in samples]
+    names = [s["name"] for s in samples]
     sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int64)
     h, w = (int(v) for v in sizes.max(0).values)
+    fixed = eval_hw(eval_size)
+    if fixed is not None:
+        _warn_oversize(names, sizes, fixed)
+        h = fixed[0] if h <= fixed[0] else fitting_size(h)
+        w = fixed[1] if w <= fixed[1] else fitting_size(w)
     if all(tuple(im.shape[-2:]) == (h, w) for im in images):
         batch_images = torch.stack(images)
         batch_masks = torch.stack(masks).long()
@@ -76,4 +122,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         for i, (im, m) in enumerate(zip(images, masks)):
             batch_images[i, :, : im.shape[-2], : im.shape[-1]] = im
             batch_masks[i, : m.shape[-2], : m.shape[-1]] = m
-    return {"images": batch_images, "masks": batch_masks, "sizes": sizes, "names": [s["name"] for s in samples]}
+    return {"images": batch_images, "masks": batch_masks, "sizes": sizes, "names": names}
+
+
+def _warn_oversize(names: list[str], sizes: torch.Tensor, fixed: tuple[int, int]) -> None:
+    """One warning per val image larger than the eval size (once per process, not every epoch)."""
+    for name, (ih, iw) in zip(names, sizes.tolist()):
+        if (ih > fixed[0] or iw > fixed[1]) and name not in _warned_oversize:
+            _warned_oversize.add(name)
+            need = fitting_size(max(ih, iw))
+            log.warning("val image %s is %dx%d, larger than data.eval_size=%dx%d: its batch is padded to the next "
+                        "16k+1 size that fits instead, so its score (and its batch's) depends on how the val set is "
+                        "batched -- fix: raise data.eval_size to at least %d", name, ih, iw, fixed[0], fixed[1], need)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from backbone.training import downloads as assets
 from backbone.errors import DataError
+from backbone.training import downloads as assets
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 4000  # ~1 MB, not a multiple of the 1 MiB chunk

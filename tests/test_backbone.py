@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from backbone import build_backbone, load_torchvision_state_dict, make_divisible, valid_tap_names
-from backbone.padding import Conv2dSame, make_conv2d, pad_same, same_padding
 from backbone.errors import ArgumentError, DataError
+from backbone.padding import Conv2dSame, make_conv2d, pad_same, same_padding
 from backbone.training.downloads import ASSETS, imagenet_url
 from backbone.weights import PretrainedWeightsWarning, imagenet_weights_path
 
@@ -452,3 +452,11 @@ def test_supported_width_range_and_beyond() -> None:
         model = build_backbone(width_mult=w, out_features=["layer_3"]).eval()
         with torch.no_grad():
             assert model(torch.randn(1, 3, 16, 16))["layer_3"].shape[1] == model.out_channels["layer_3"]
+
+
+def test_imagenet_weights_refuse_another_bn_eps() -> None:
+    """torchvision's ImageNet weights were trained at eps 1e-5; at 1e-3 their features are wrecked."""
+    with pytest.raises(ArgumentError, match="^bn_eps ") as e:
+        build_backbone(pretrained="imagenet", bn_eps=1e-3)
+    assert e.value.to_config_error("model.backbone").key == "model.backbone.bn_eps"
+    assert "1e-5" in str(e.value) or "1.0e-5" in str(e.value)

@@ -8,14 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from backbone.errors import ConfigError, DataError
 from backbone.training.synthetic import CATEGORY_IDS, CLASS_NAMES, EMPTY_EVERY, ensure_synthetic
 from mnv2det.datamodule import DetDataModule, collate_detections
 from mnv2det.dataset import COCODetection
-from mnv2det.transforms import (DetectionTransform, MinIoURandomCrop, ZoomOut, build_eval_transform,
-                                build_train_transform)
+from mnv2det.transforms import (
+    RECIPES,
+    DetectionTransform,
+    MinIoURandomCrop,
+    SSDRandomCrop,
+    ZoomOut,
+    build_eval_transform,
+    build_train_transform,
+    check_augment,
+)
 
 SYN_ARGS = dict(num_train=6, num_val=4, size=64, seed=3, progress=False)
 
@@ -221,6 +230,157 @@ def test_min_iou_crop_constraint() -> None:
     assert cropped > 50
 
 
+@pytest.mark.parametrize("normalize,per_channel", [
+    ("tf", lambda v: [v / 127.5 - 1] * 3),  # TF: x / 127.5 - 1
+    ("imagenet", lambda v: [(v / 255 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]),
+])
+def test_eval_transform_normalisation_values(normalize: str, per_channel) -> None:
+    empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "crowd": np.zeros(0, bool)}
+    for value, tf_expected in [(0, -1.0), (51, -0.6), (255, 1.0)]:
+        x, _ = build_eval_transform(16, normalize)(np.full((10, 14, 3), value, np.uint8), empty)
+        expected = torch.tensor(per_channel(value), dtype=torch.float32)[:, None, None].expand_as(x)
+        torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+        if normalize == "tf":
+            assert x.flatten()[0].item() == pytest.approx(tf_expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------------- recipes, TF ssd_random_crop
+COLOUR = np.array([250, 20, 30])
+
+
+@pytest.mark.parametrize("augment", [
+    {"recipe": "tf"},
+    {"recipe": "torchvision", "photometric_p": 0.0, "zoom_out_p": 0.0},  # min-IoU crop + flip
+    {"recipe": "torchvision", "photometric_p": 0.0, "zoom_out_p": 1.0, "crop_p": 0.0},  # zoom-out + flip
+], ids=["tf", "torchvision", "zoom_out"])
+def test_pixels_and_boxes_move_together(augment: dict) -> None:
+    """A coloured block under its box, in a wide image, off-centre: wherever the transform puts the box, the
+    pure colour lies inside it and fills most of it (an x/y mix-up in a crop or canvas breaks this)."""
+    h, w, size = 90, 150, 96
+    img = np.full((h, w, 3), 128, np.uint8)
+    img[15:45, 20:70] = COLOUR
+    t = {"boxes": np.array([[20, 15, 70, 45]], np.float32), "labels": np.array([1]), "crowd": np.array([False])}
+    tf = build_train_transform(size, "imagenet", augment)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    unmoved = np.array([20, 15, 70, 45]) * [size / w, size / h, size / w, size / h]
+    checked = moved = 0
+    for seed in range(40):
+        tf.set_seed(seed)
+        x, out = tf(img, t)
+        if not len(out["boxes"]):
+            continue  # the crop dropped the box
+        pix = (x.permute(1, 2, 0).numpy() * std + mean) * 255
+        pure = (np.abs(pix - COLOUR) < 3).all(-1)  # only where bilinear sampling saw the block alone
+        x0, y0, x1, y1 = out["boxes"][0]
+        rows, cols = np.nonzero(pure)
+        assert len(rows), f"seed {seed}: the colour is gone but the box {out['boxes'][0]} was kept"
+        assert (cols + 0.5 >= x0 - 0.5).all() and (cols + 0.5 <= x1 + 0.5).all(), f"seed {seed}"
+        assert (rows + 0.5 >= y0 - 0.5).all() and (rows + 0.5 <= y1 + 0.5).all(), f"seed {seed}"
+        if x1 - x0 >= 12 and y1 - y0 >= 12:
+            inside = pure[int(np.ceil(y0)):int(y1), int(np.ceil(x0)):int(x1)]
+            assert inside.mean() > 0.5, f"seed {seed}: the box {out['boxes'][0]} is not over the colour"
+        checked += 1
+        moved += not np.allclose(out["boxes"][0], unmoved, atol=0.5)
+    assert checked >= 20 and moved >= 10
+
+
+def test_tf_crop_prunes_by_fraction_of_box_inside_and_clips() -> None:
+    crop = SSDRandomCrop()
+    shape = (100, 200, 3)  # h, w
+    boxes = np.array([[0.25, 0.2, 0.75, 0.6, 0],   # half of it inside the left half of the image
+                      [0.1, 0.1, 0.3, 0.3, 1],     # inside
+                      [0.6, 0.1, 0.9, 0.5, 2],     # outside
+                      [0.5, 0.1, 0.7, 0.3, 3]])    # touches the window from outside: completely outside
+    left = (0, 0, 100, 100)  # x0, y0, x1, y1 pixels: x in [0, 0.5] of the image
+    kept = crop.apply_to_bboxes(boxes, window=left, min_overlap=0.5, shape=shape)
+    assert kept[:, 4].tolist() == [0, 1]
+    np.testing.assert_allclose(kept[:, :4], [[0.5, 0.2, 1.0, 0.6], [0.2, 0.1, 0.6, 0.3]], atol=1e-6)  # clipped
+    assert crop.apply_to_bboxes(boxes, window=left, min_overlap=0.7, shape=shape)[:, 4].tolist() == [1]
+    assert crop.apply_to_bboxes(boxes, window=left, min_overlap=0.0, shape=shape)[:, 4].tolist() == [0, 1]
+    top = (0, 0, 200, 50)  # y in [0, 0.5]: box 0 has 1/4 of its area inside (0.3 / 0.4 of its height)
+    vertical = np.array([[0.1, 0.25, 0.3, 0.75, 0], [0.1, 0.1, 0.3, 0.6, 1]])
+    kept = crop.apply_to_bboxes(vertical, window=top, min_overlap=0.5, shape=shape)
+    assert kept[:, 4].tolist() == [0, 1]
+    np.testing.assert_allclose(kept[:, :4], [[0.1, 0.5, 0.3, 1.0], [0.1, 0.2, 0.3, 1.0]], atol=1e-6)
+    assert crop.apply_to_bboxes(vertical, window=top, min_overlap=0.7, shape=shape)[:, 4].tolist() == [1]
+    assert crop.apply_to_bboxes(boxes, window=None, min_overlap=1.0, shape=shape) is boxes  # kept whole
+
+
+def test_tf_crop_window_covers_min_object_covered_of_some_box() -> None:
+    crop = SSDRandomCrop()
+    crop.set_random_seed(0)
+    h, w = 120, 160
+    rects = np.array([[10, 10, 50, 40], [100, 70, 150, 115]])  # far apart: no crop covers both closely
+    box_area = (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])
+    only_one = 0
+    for covered in (0.3, 0.7, 1.0):
+        for _ in range(100):
+            x0, y0, x1, y1 = crop.sample_window(h, w, rects, covered)
+            cw, ch = x1 - x0, y1 - y0
+            iw = np.clip(np.minimum(x1, rects[:, 2]) - np.maximum(x0, rects[:, 0]), 0, None)
+            ih = np.clip(np.minimum(y1, rects[:, 3]) - np.maximum(y0, rects[:, 1]), 0, None)
+            fraction = iw * ih / box_area
+            assert (fraction >= covered).any()
+            only_one += int((fraction >= covered).sum() == 1)
+            assert 0.1 * w * h <= cw * ch <= w * h and 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
+            assert 0.5 - 0.5 / ch <= cw / ch <= 2.0 + 0.5 / ch  # width = lrint(height * aspect)
+            assert (y1 < h or ch == h) and (x1 < w or cw == w)  # TF: U{0 .. H - height - 1}
+    assert only_one > 50  # "at least one box", not "every box"
+
+
+def test_tf_crop_keeps_whole_image_with_probability_random_coef() -> None:
+    crop = SSDRandomCrop()
+    crop.set_random_seed(0)
+    data = {"bboxes": np.array([[0.1, 0.1, 0.6, 0.7, 0]])}
+    n = 3000
+    whole = sum(crop.get_params_dependent_on_data({"shape": (100, 120, 3)}, data)["window"] is None for _ in range(n))
+    assert abs(whole / n - 0.15) < 0.02
+    never = SSDRandomCrop(random_coef=0.0)
+    never.set_random_seed(0)
+    assert all(never.get_params_dependent_on_data({"shape": (100, 120, 3)}, data)["window"] is not None
+               for _ in range(200))
+
+
+def test_tf_crop_falls_back_to_the_whole_image() -> None:
+    import albumentations as A
+
+    # a crop of at most 30% of the image cannot cover all of an image-sized box: every attempt fails
+    crop = SSDRandomCrop(min_object_covered=[1.0], overlap_thresh=[1.0], area_range=(0.1, 0.3), random_coef=0.0)
+    crop.set_random_seed(0)
+    assert all(crop.sample_window(80, 100, np.array([[0, 0, 100, 80]]), 1.0) == (0, 0, 100, 80) for _ in range(20))
+    # boxes under 1 px^2 are not counted, so even min_object_covered 0 finds no window
+    assert crop.sample_window(80, 100, np.array([[5, 5, 5, 9]]), 0.0) == (0, 0, 100, 80)
+    # through a pipeline: pixels unchanged, boxes pruned / clipped against the whole image (all kept)
+    img = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    compose = A.Compose([crop], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "crowd"]), seed=0)
+    boxes = np.array([[0, 0, 100, 80], [5, 5, 95, 75]], np.float32)  # both larger than any crop
+    out, o = DetectionTransform(compose)(img, {"boxes": boxes, "labels": np.array([1, 2]), "crowd": np.zeros(2, bool)})
+    assert np.array_equal(out, img)
+    np.testing.assert_allclose(o["boxes"], boxes, atol=1e-4)
+
+
+def test_augment_presets_list_every_key_of_their_recipe() -> None:
+    folder = Path(__file__).resolve().parents[1] / "conf" / "data" / "augment"
+    presets = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in folder.glob("*.yaml")}
+    assert {"tf", "torchvision", "light"} <= set(presets)
+    for name, cfg in presets.items():
+        assert set(cfg) == {"recipe", *RECIPES[cfg["recipe"]]}, name
+        assert check_augment(cfg) == cfg, name
+    assert presets["tf"] == {"recipe": "tf", **RECIPES["tf"]}
+    assert presets["torchvision"] == {"recipe": "torchvision", **RECIPES["torchvision"]}
+    assert presets["light"] == {**presets["torchvision"], "zoom_out_p": 0.0, "crop_p": 0.5}
+    with pytest.raises(ConfigError, match="data.augment.recipe"):
+        check_augment({"recipe": "ssd"})
+    with pytest.raises(ConfigError, match="data.augment.zoom_out_p.*tf recipe"):
+        check_augment({"recipe": "tf", "zoom_out_p": 0.5})
+    with pytest.raises(ConfigError, match="data.augment.overlap_thresh"):
+        check_augment({"recipe": "tf", "overlap_thresh": [0.5]})  # one per option
+    with pytest.raises(ConfigError, match="data.augment.crop_area"):
+        check_augment({"recipe": "tf", "crop_area": [0.0, 1.0]})
+    with pytest.raises(ConfigError, match="data.augment.max_attempts"):
+        check_augment({"recipe": "tf", "max_attempts": 0})
+
+
 # -------------------------------------------------------------------------------------- collate
 def test_collate_pads_and_normalises() -> None:
     def sample(n: int, img_id: int) -> tuple[torch.Tensor, dict]:
@@ -280,3 +440,46 @@ def test_datamodule_synthetic_end_to_end(tmp_path: Path) -> None:
     val = list(dm.val_dataloader())
     ids = torch.cat([b["image_ids"] for b in val]).tolist()
     assert sorted(ids) == sorted(dm.val_dataset.ids)  # every val image exactly once, no drop_last
+
+
+# ------------------------------------------------------------------------- a model's own classes
+def test_labels_follow_the_model_category_ids(tiny_coco: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Evaluating a model trained elsewhere (its checkpoint's meta): labels are the MODEL's contiguous
+    labels matched by category id, annotations of categories it does not know leave the targets (not the
+    ground truth), and each kind of mismatch is one log line."""
+    dm = DetDataModule(root=str(tiny_coco), val_split="val2017", image_size=32, num_workers=0, val_batch_size=4)
+    dm.use_model_classes({"category_ids": [5, 90, 77], "class_names": ["cat", "zebra", "phone"]})
+    with caplog.at_level(logging.INFO, logger="mnv2det.datamodule"):
+        dm.setup("validate")
+    assert dm.meta["category_ids"] == [5, 90, 77] and dm.meta["num_classes"] == 3
+    assert dm.meta["class_names"] == ["cat", "zebra", "phone"]
+    ds = dm.val_dataset
+    assert ds.category_ids == [2, 5, 90] and ds.label_to_cat_id == {1: 5, 2: 90, 3: 77}  # file's ids are scored
+    assert ds.num_unlabelled == 3 and len(ds.coco.getAnnIds(catIds=[2])) == 3  # bike: left out of the targets only
+    t = ds.target(ds.ids.index(10))
+    np.testing.assert_allclose(t["boxes"], [[2, 3, 12, 8]])  # the zebra; the bike is gone
+    assert t["labels"].tolist() == [2]
+    assert ds.target(ds.ids.index(14))["labels"].tolist() == [1]  # the (crowd) cat
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch["targets"]["labels"][batch["targets"]["valid"]].tolist()) == {1, 2}
+    lines = [r.getMessage() for r in caplog.records]
+    unknown = [m for m in lines if "unknown to the model" in m]
+    absent = [m for m in lines if "not in instances_val2017.json" in m]
+    assert len(unknown) == 1 and "1 of the 3 categories" in unknown[0] and "bike (2)" in unknown[0], lines
+    assert "their 3 annotations score as missed" in unknown[0]
+    assert len(absent) == 1 and "phone (77)" in absent[0], lines
+    dm.setup("validate")
+    assert len([r for r in caplog.records if "unknown to the model" in r.getMessage()]) == 1  # once
+
+    # the same through the argument, without names: the file's names, category_<id> for the others
+    dm = DetDataModule(root=str(tiny_coco), val_split="val2017", image_size=32, label_category_ids=[5, 90, 77])
+    dm.setup("validate")
+    assert dm.meta["class_names"] == ["cat", "zebra", "category_77"]
+
+
+def test_datamodule_resize_is_checked(tmp_path: Path) -> None:
+    from backbone.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="resize must be one of .*cv2_linear.*tf_bilinear"):
+        DetDataModule(root=str(tmp_path), resize="area")
+    assert DetDataModule(root=str(tmp_path), resize="tf_bilinear").resize == "tf_bilinear"

@@ -186,3 +186,29 @@ def test_fake_ranks_are_gathered_and_deduplicated(monkeypatch: pytest.MonkeyPatc
     assert got == expected
     assert len(rank0.results) == len(ref.results)
     assert rank0.num_images_with_detections == len(ids)
+
+
+def test_model_category_ids_are_matched_by_id() -> None:
+    """A model with its own ids (a TF label map): label k -> the model's id; a GT category the model does
+    not know scores as missed (AP 0), detections of an id the GT lacks are not scored; the per-class
+    table names the GT's categories."""
+    gt = _gt()
+    ids = sorted(gt.getImgIds())
+    model_ids = [90, 3, 55]  # label 1 = category 90, label 2 = category 3, label 3 = an id the GT lacks
+    label = {90: 1, 3: 2}
+    dets = []
+    for i, det in zip(ids, _perfect(gt, ids)):
+        cats = [CAT_IDS[k - 1] for k in det["labels"].tolist()]
+        keep = torch.tensor([c in label for c in cats], dtype=torch.bool)
+        n = int(keep.sum())
+        dets.append({"boxes": torch.cat([det["boxes"][keep], torch.tensor([[0.0, 0.0, 30.0, 30.0]])]),
+                     "scores": torch.cat([torch.ones(n), torch.full((1,), 0.99)]),
+                     "labels": torch.tensor([label[c] for c, k in zip(cats, keep.tolist()) if k] + [3])})
+    ev = COCOEvaluator(gt, model_ids, class_names=["zebra", "dog", "phone"])
+    _feed(ev, ids, dets)
+    m = ev.compute()
+    assert {d["category_id"] for d in ev.results} == {90, 3, 55}
+    per_class = {r[0]: r[1:] for r in (line.split() for line in ev.report.splitlines()) if r[:1] and r[0] in
+                 ("c3", "c8", "c90", "zebra", "dog", "phone")}
+    assert per_class == {"c3": ["1.000", "1.000"], "c8": ["0.000", "0.000"], "c90": ["1.000", "1.000"]}
+    assert m["map"] == pytest.approx(2 / 3) and m["map_50"] == pytest.approx(2 / 3)

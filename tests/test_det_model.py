@@ -1,12 +1,14 @@
 """SSDLite-MobileNetV2: shapes, TF structure/names, complexity targets, loss and post-processing wiring."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from backbone.complexity import count_madds, count_params
-from backbone.padding import Conv2dSame
 from backbone.errors import ArgumentError, DataError
+from backbone.padding import Conv2dSame
 from mnv2det.ssdlite import SSDLite, build_ssdlite
 
 
@@ -171,3 +173,60 @@ def test_focal_sets_class_bias_prior() -> None:
     # width 0.35: extras scale like TF's depth_fn (max(int(d * 0.35), 16))
     assert [b.reduce.out_channels for b in m.extras] == [89, 44, 44, 22]
     assert [b.pointwise.out_channels for b in m.extras] == [179, 89, 89, 44]
+
+
+def _encode(box: list[float], anchor: list[float]) -> list[float]:
+    """Faster R-CNN coding (weights 10, 10, 5, 5; order x, y, w, h), written out by hand."""
+    bw, bh, aw, ah = box[2] - box[0], box[3] - box[1], anchor[2] - anchor[0], anchor[3] - anchor[1]
+    bx, by, ax, ay = box[0] + bw / 2, box[1] + bh / 2, anchor[0] + aw / 2, anchor[1] + ah / 2
+    return [10 * (bx - ax) / aw, 10 * (by - ay) / ah, 5 * math.log(bw / aw), 5 * math.log(bh / ah)]
+
+
+def test_assign_targets_by_hand(model: SSDLite) -> None:
+    B0, B1 = [0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]
+    anchors = [B0, B1, [0.0, 0.0, 0.05, 0.05], [0.12, 0.1, 0.3, 0.3], [0.55, 0.6, 0.9, 0.9], [0.3, 0.3, 0.6, 0.6]]
+    # image 0: B0 (label 7), B1 (label 3); image 1: a crowd box at B0 (label 2) first, then B1 (label 5), padding
+    targets = {"boxes": torch.tensor([[B0, B1, [0.0] * 4], [B0, B1, [0.0] * 4]]),
+               "labels": torch.tensor([[7, 3, 0], [2, 5, 0]]),
+               "valid": torch.tensor([[True, True, False], [True, True, False]]),
+               "crowd": torch.tensor([[False, False, False], [True, False, False]])}
+    labels, box_targets, matched = model.assign_targets(torch.tensor(anchors), targets)
+    # anchors 0, 3 overlap B0 (IoU 1, 0.9), anchors 1, 4 overlap B1 (IoU 1, 0.86), anchors 2, 5 nothing;
+    # in image 1 the crowd box makes anchors 0 and 3 ignored instead of positive
+    assert matched.tolist() == [[0, 1, -1, 0, 1, -1], [-2, 1, -1, -2, 1, -1]]
+    assert labels.tolist() == [[7, 3, 0, 7, 3, 0], [-1, 5, 0, -1, 5, 0]]
+    gt = {0: [B0, B1], 1: [B0, B1]}
+    expected = torch.zeros(2, 6, 4)
+    for b in range(2):
+        for a in range(6):
+            if matched[b, a] >= 0:
+                expected[b, a] = torch.tensor(_encode(gt[b][int(matched[b, a])], anchors[a]))
+    torch.testing.assert_close(box_targets, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_compute_loss_gives_the_miner_the_decoded_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    seen = {}
+
+    def spy_on(loss_fn):
+        forward = loss_fn.forward
+
+        def spy(*args, decoded_boxes=None, **kwargs):
+            seen["boxes"] = decoded_boxes
+            return forward(*args, decoded_boxes=decoded_boxes, **kwargs)
+
+        monkeypatch.setattr(loss_fn, "forward", spy)
+
+    m = SSDLite(num_classes=3, backbone={"width_mult": 0.35}, loss={"miner_nms_iou": 0.99, "num_hard_examples": 3000})
+    spy_on(m.loss_fn)
+    out = m(torch.randn(2, 3, 64, 64))
+    ld = m.compute_loss(out, _targets())
+    ld["loss"].backward()
+    expected = m.box_coder.decode(out["bbox_regression"].detach(), out["anchors"])
+    assert not seen["boxes"].requires_grad
+    torch.testing.assert_close(seen["boxes"], expected)
+    assert torch.isfinite(ld["loss"])
+    plain = SSDLite(num_classes=3, backbone={"width_mult": 0.35})
+    spy_on(plain.loss_fn)
+    plain.compute_loss(plain(torch.randn(2, 3, 64, 64)), _targets())
+    assert seen["boxes"] is None  # no decoding when the option is off

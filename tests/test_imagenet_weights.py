@@ -66,7 +66,7 @@ def _photo_named(name: str) -> torch.Tensor:
 
 # seg: output stride 32 here, so the features are torchvision's (the point is the BatchNorm settings)
 @pytest.mark.parametrize("overrides", [
-    ["task=det"], ["experiment=ssdlite_mnv2_coco", "data.root=/unused"],
+    ["task=det"], ["experiment=ssdlite_mnv2_coco", "data.root=/unused", "data.num_classes=80"],
     ["task=seg", "model.backbone.output_stride=32"],
     ["experiment=deeplabv3_mnv2_voc", "data.root=/unused", "model.backbone.output_stride=32"]])
 @torch.no_grad()
@@ -76,10 +76,11 @@ def test_shipped_configs_keep_the_imagenet_features(imagenet_weights, overrides)
     import torchvision
     from hydra import compose, initialize_config_dir
 
-    from backbone.training.runner import build
+    from backbone.training.runner import build, resolve_num_classes
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "model.backbone.pretrained=imagenet", "paths.output_dir=/tmp/x"])
+    resolve_num_classes(cfg, build(cfg.data, "data"))
     module = build(cfg.model, "model").eval()
     backbone = module.model.backbone
     reference = torchvision.models.mobilenet_v2(weights=None)

@@ -1,6 +1,7 @@
 """VOC / SBD reading, bad-sample reporting, DeepLab transforms, collate and the datamodule."""
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from backbone.errors import ArgumentError, ConfigError, DataError
 from backbone.training.voc_format import VOC_CLASS_NAMES, class_names_for, voc_palette
 from mnv2seg.dataset import BadSampleWarning, VOCSegmentation
-from mnv2seg.transforms import collate, eval_transform, train_transform
+from mnv2seg.transforms import collate, eval_transform, fitting_size, train_transform
 
 
 def _write_image(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -197,12 +198,53 @@ def test_collate_pads_eval_batches_and_keeps_sizes():
     assert (batch["masks"][1, :, 4:] == 255).all() and (batch["images"][1, :, :, 4:] == 0).all()
 
 
+def _eval_sample(name: str, h: int, w: int, label: int) -> dict:
+    rng = np.random.default_rng(h * 100 + w)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return {**eval_transform()(image=img, mask=np.full((h, w), label, np.uint8)), "name": name}
+
+
+def test_fitting_sizes_are_16k_plus_1():
+    assert [fitting_size(n) for n in (1, 2, 17, 18, 85, 338, 341, 353, 354, 500)] == \
+        [1, 17, 17, 33, 97, 353, 353, 353, 369, 513]
+
+
+def test_collate_pads_every_eval_image_to_eval_size_whatever_its_batch():
+    a, b, c = _eval_sample("a", 5, 7, 2), _eval_sample("b", 8, 4, 3), _eval_sample("c", 3, 3, 1)
+    alone = collate([a], eval_size=17)
+    batched = collate([a, b, c], eval_size=17)
+    assert alone["images"].shape == (1, 3, 17, 17) and batched["images"].shape == (3, 3, 17, 17)
+    # image a is padded identically alone and in a batch with larger images: same tensor, same mask
+    assert torch.equal(alone["images"][0], batched["images"][0]) and torch.equal(alone["masks"][0], batched["masks"][0])
+    assert batched["sizes"].tolist() == [[5, 7], [8, 4], [3, 3]] and batched["names"] == ["a", "b", "c"]
+    # bottom/right padding: the image at (0, 0), 0 (the mean pixel after normalisation) and 255 around it
+    assert torch.equal(batched["images"][1, :, :8, :4], b["image"])
+    assert (batched["images"][1, :, 8:] == 0).all() and (batched["images"][1, :, :, 4:] == 0).all()
+    assert (batched["masks"][1, :8, :4] == 3).all() and int((batched["masks"][1] != 255).sum()) == 8 * 4
+    assert collate([a, b], eval_size=[9, 17])["images"].shape == (2, 3, 9, 17)  # [h, w]
+    # None keeps the pad-to-the-batch's-largest (batch-dependent) behaviour
+    assert collate([a, c], eval_size=None)["images"].shape == (2, 3, 5, 7)
+
+
+def test_oversize_eval_image_pads_its_batch_to_a_fitting_16k_plus_1_and_warns_once(caplog):
+    small, big = _eval_sample("small_one", 5, 7, 2), _eval_sample("big_one", 20, 6, 1)
+    with caplog.at_level(logging.WARNING, logger="mnv2seg.transforms"):
+        batch = collate([small, big], eval_size=17)
+        again = collate([big], eval_size=17)  # the next epoch: no second warning for the same image
+    assert batch["images"].shape == (2, 3, 33, 17) and again["images"].shape == (1, 3, 33, 17)
+    assert (batch["masks"][1, :20, :6] == 1).all() and (batch["masks"][1, 20:] == 255).all()
+    warned = [r.getMessage() for r in caplog.records if r.name == "mnv2seg.transforms"]
+    assert len(warned) == 1
+    assert "big_one" in warned[0] and "20x6" in warned[0] and "depends on how the val set is batched" in warned[0]
+    assert "raise data.eval_size to at least 33" in warned[0]
+
+
 def test_datamodule_on_a_tiny_synthetic_set(tmp_path):
     from backbone.training.synthetic import CLASS_NAMES
     from mnv2seg.datamodule import SegDataModule
 
     dm = SegDataModule(root=str(tmp_path / "syn" / "VOCdevkit" / "VOC2012"), num_classes=7, crop_size=48,
-                       batch_size=2, val_batch_size=3, num_workers=0,
+                       batch_size=2, val_batch_size=3, num_workers=0, eval_size=97,
                        synthetic={"root": str(tmp_path / "syn"), "num_train": 4, "num_val": 3, "size": 64, "seed": 0,
                                   "progress": False})
     dm.prepare_data()
@@ -213,10 +255,16 @@ def test_datamodule_on_a_tiny_synthetic_set(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (2, 3, 48, 48) and batch["masks"].shape == (2, 48, 48)
     val = next(iter(dm.val_dataloader()))
-    assert val["images"].shape[0] == 3
+    # val images padded to eval_size (synthetic size 64: sides <= round(64 * 4/3) = 85 -> 97), crops not
+    assert val["images"].shape == (3, 3, 97, 97) and val["masks"].shape == (3, 97, 97)
     assert val["masks"].max() <= 255 and set(val["masks"].unique().tolist()) <= set(range(7)) | {255}
     with pytest.raises(ConfigError, match="data.root"):
         SegDataModule(root="???")
+    for bad in (0, "big", [513, 513, 3], True, 51.3):
+        with pytest.raises(ConfigError, match="'data.eval_size'"):
+            SegDataModule(root=str(tmp_path), eval_size=bad)
+    assert SegDataModule(root=str(tmp_path), eval_size=[385, 513]).eval_size == (385, 513)
+    assert SegDataModule(root=str(tmp_path), eval_size=None).eval_size is None
 
 
 def _same_image_voc(root: Path, n: int) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 from backbone.complexity import count_madds, count_params
 from backbone.errors import ArgumentError
 from mnv2seg.deeplabv3 import DeepLabV3
-from mnv2seg.inference import predict, predict_probs
+from mnv2seg.inference import DEFAULT_MF_SCALES, predict, predict_probs
 
 
 @pytest.mark.parametrize("output_stride,rates", [(8, (12, 24, 36)), (16, (6, 12, 18)), (32, (3, 6, 9))])
@@ -100,6 +100,67 @@ def test_mf_averages_probabilities_over_scales_and_flips(small_model):
                 runs.append(p.flip(-1) if f else p)
     torch.testing.assert_close(probs, torch.stack(runs).mean(0))
     assert not torch.allclose(probs, predict(small_model, x, "single"), atol=1e-3)
+
+
+def _random_bn_model(align_corners: bool) -> DeepLabV3:
+    torch.manual_seed(0)
+    model = DeepLabV3(4, {"output_stride": 16}, head="lite", align_corners=align_corners).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    nn.init.normal_(model.head.classifier.weight, std=1.0)
+    return model
+
+
+def _lowres_logits(model: DeepLabV3, x: torch.Tensor) -> torch.Tensor:
+    return model.head(model.backbone(x)[model.feature])
+
+
+def test_align_corners_puts_the_corner_logits_on_the_corner_pixels():
+    """TF upsamples with align_corners=True on 16k+1 inputs: feature j lands on pixel 16 j, corners on corners."""
+    x = torch.randn(2, 3, 65, 81)  # 16*4+1 x 16*5+1
+    model = _random_bn_model(align_corners=True)
+    with torch.no_grad():
+        low, out = _lowres_logits(model, x), model(x)
+    assert low.shape[-2:] == (5, 6) and out.shape[-2:] == (65, 81)
+    for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        torch.testing.assert_close(out[..., i, j], low[..., i, j], rtol=0, atol=1e-5)
+    # every feature sits on its pixel, not just the corners
+    torch.testing.assert_close(out[..., ::16, ::16], low, rtol=0, atol=1e-5)
+    with torch.no_grad():  # PyTorch's default (half-pixel centres; its corners are clamped, so equal too) does not
+        off = _random_bn_model(align_corners=False)(x)
+    assert (off[..., ::16, ::16] - low).abs().max() > 1e-2
+
+
+def test_mf_with_align_corners_resizes_as_tf_deeplab():
+    """TF's multi_scale_logits + predict_labels_multi_scale: image resized to scale_dimension(d, s) =
+    int((d - 1) s + 1) with align_corners=True, low-res logits to scale_dimension(d, max(1, s) / 16), then to
+    the image, both with align_corners=True; softmax; mean over scales and flips. On 65 (16*4+1) every
+    scaled size of the default scales is 16k+1 (as on 513), where the model's own upsampling first changes
+    nothing."""
+    F = nn.functional
+    model = _random_bn_model(align_corners=True)
+    x = torch.randn(1, 3, 65, 65)
+
+    def dim(d: int, s: float) -> int:
+        return int((d - 1) * s + 1)
+
+    def resize(t: torch.Tensor, size: int) -> torch.Tensor:
+        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=True)
+
+    runs = []
+    with torch.no_grad():
+        for s in DEFAULT_MF_SCALES:
+            for flipped in (False, True):
+                xi = x.flip(-1) if flipped else x
+                low = _lowres_logits(model, xi if s == 1.0 else resize(xi, dim(65, s)))
+                logits = resize(resize(low, dim(65, max(1.0, s) / 16)), 65)
+                runs.append((logits.flip(-1) if flipped else logits).softmax(1))
+    tf_probs = torch.stack(runs).mean(0)
+    ours = predict(model, x, "mf")  # align_corners from the model
+    torch.testing.assert_close(ours, tf_probs, rtol=0, atol=1e-5)
+    assert not torch.allclose(predict(model, x, "mf", align_corners=False), tf_probs, atol=1e-3)
 
 
 def test_flip_averaging_is_exact_for_a_flip_equivariant_model():

@@ -2,8 +2,10 @@
 CPU training run on a tiny synthetic set."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -20,6 +22,8 @@ from backbone.training.optim import WarmupPolyLR
 from backbone.training.voc_format import voc_palette
 from mnv2seg.datamodule import SegDataModule
 from mnv2seg.lightning_module import DeepLabModule
+from mnv2seg.metrics import ConfusionMatrix
+from mnv2seg.transforms import fitting_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,8 +36,9 @@ def _module(num_classes: int = 7, **kw) -> DeepLabModule:
 def _datamodule(root: Path, **kw) -> SegDataModule:
     syn = {"root": str(root), "num_train": 8, "num_val": 5, "size": 64, "seed": 0, "progress": False}
     syn.update(kw.pop("synthetic", {}))
+    # the smallest 16k+1 holding the generator's largest side, round(size * 4/3): 97 for size 64
     args = dict(root=str(root / "VOCdevkit" / "VOC2012"), num_classes=7, crop_size=64, batch_size=4,
-                val_batch_size=2, num_workers=0, synthetic=syn)
+                val_batch_size=2, num_workers=0, synthetic=syn, eval_size=fitting_size(round(syn["size"] * 4 / 3)))
     args.update(kw)
     return SegDataModule(**args)
 
@@ -176,6 +181,121 @@ def test_predictions_match_the_confusion_matrix(tmp_path):
     assert "MF" in module.evaluation_report()
 
 
+class _FixedPrediction(torch.nn.Module):
+    """A stand-in model predicting a fixed class map (top-left of every padded image)."""
+
+    align_corners, output_stride = False, 16
+
+    def __init__(self, pred: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.pred, self.num_classes = pred, num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        pred = torch.zeros(b, h, w, dtype=torch.int64)
+        pred[:, : self.pred.shape[0], : self.pred.shape[1]] = self.pred
+        return F.one_hot(pred, self.num_classes).permute(0, 3, 1, 2).float()
+
+
+def test_metrics_json_pairs_each_class_name_with_its_own_iou(tmp_path):
+    """A validation whose per-class IoUs are known and all different: a name paired with a neighbour's
+    IoU (names shifted by one, background dropped, ...) fails."""
+    names = ["background", "apple", "banana", "cherry", "date"]
+    gt = np.array([[0, 0, 0, 0, 0, 0, 1, 1],
+                   [0, 0, 0, 0, 2, 2, 2, 2],
+                   [3, 3, 3, 3, 3, 3, 255, 255]], dtype=np.uint8)
+    pred = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1],
+                         [0, 0, 0, 0, 0, 2, 3, 3],
+                         [3, 3, 3, 0, 0, 0, 4, 4]])
+    # per class tp / (gt + pred - tp): background 9 / (10 + 13 - 9), apple 2 / (2 + 3 - 2), banana
+    # 1 / (4 + 1 - 1), cherry 3 / (6 + 5 - 3); date is predicted only on the ignored 255 pixels: absent, null
+    expected = {"background": 9 / 14, "apple": 2 / 3, "banana": 0.25, "cherry": 0.375, "date": None}
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    Image.fromarray(np.zeros((3, 8, 3), np.uint8)).save(voc / "JPEGImages" / "only.jpg", format="PNG")
+    mask = Image.fromarray(gt)
+    mask.putpalette(voc_palette().ravel().tolist())
+    mask.save(voc / "SegmentationClass" / "only.png")
+    for split in ("train", "val"):
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("only\n")
+    dm = SegDataModule(root=str(voc), num_classes=5, class_names=names, crop_size=8, batch_size=1,
+                       val_batch_size=1, num_workers=0, eval_size=17)
+    module = _module(num_classes=5)
+    module.model = _FixedPrediction(pred, 5)
+    _trainer(tmp_path).validate(module, datamodule=dm, verbose=False)
+    module.save_evaluation(tmp_path / "eval")
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(doc["iou_per_class"]) == names
+    for name, iou in expected.items():
+        assert doc["iou_per_class"][name] == (None if iou is None else pytest.approx(iou, abs=1e-9)), name
+    assert doc["miou"] == pytest.approx((9 / 14 + 2 / 3 + 0.25 + 0.375) / 4)
+    report = module.evaluation_report()
+    assert re.search(r"background\s+64\.29", report) and re.search(r"apple\s+66\.67", report)
+    assert re.search(r"banana\s+25\.00", report) and re.search(r"cherry\s+37\.50", report)
+    assert re.search(r"date\s+n/a", report)
+
+
+def _bn_warmed_module(images: torch.Tensor) -> DeepLabModule:
+    """Random init, but BN statistics that are not the identity (train-mode forwards of `images`), so
+    that the padding around an image really changes its logits near the border and through image
+    pooling; the classifier is rescaled to logits of zero mean and unit spread on `images` (padded val
+    images), so that the predictions are spread over several classes."""
+    torch.manual_seed(0)
+    module = _module()
+    module.model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            module.model(images)
+        module.model.eval()
+        classifier = module.model.head.classifier
+        classifier.weight /= module.model(images).std(dim=(0, 2, 3)).view(-1, 1, 1, 1)
+        classifier.bias -= module.model(images).mean(dim=(0, 2, 3))
+    return module
+
+
+def _validate(module: DeepLabModule, root: Path, tmp_path: Path, val_batch_size: int, eval_size) -> torch.Tensor:
+    """The confusion matrix of one validation of the 12-image synthetic val set (sides 48-85 px).
+
+    In float64: float32 convolutions round differently at different batch sizes (~1e-7, oneDNN / GEMM
+    blocking), which can flip a pixel whose two best logits tie to that precision; that is not what
+    this measures."""
+    dm = _datamodule(root, synthetic={"num_val": 12}, val_batch_size=val_batch_size, eval_size=eval_size)
+    _trainer(tmp_path, precision="64-true").validate(module, datamodule=dm, verbose=False)
+    return module.confmat.mat.clone()
+
+
+def test_scores_do_not_depend_on_the_val_batch_size(tmp_path):
+    """Every val image padded to one eval_size (97 here, as TF pads to eval_crop_size): the same confusion
+    matrix at val batch 1, 4 and 16, single scale and MF. Padding to the batch's largest image
+    (eval_size=null) makes them differ."""
+    root = tmp_path / "syn"
+    dm = _datamodule(root, synthetic={"num_val": 12}, val_batch_size=12, eval_size=97)
+    dm.prepare_data()
+    module = _bn_warmed_module(next(iter(dm.val_dataloader()))["images"])
+    for inference in ("single", "mf"):
+        module.inference = inference
+        module.mf_scales = (0.5, 1.0, 1.5)
+        mats = {b: _validate(module, root, tmp_path, b, 97) for b in (1, 4, 16)}
+        assert int((mats[1].sum(0) > 0).sum()) >= 3  # a non-trivial case: several classes predicted
+        for b in (4, 16):
+            assert torch.equal(mats[b], mats[1]), (inference, b)
+    module.inference = "single"
+    batch_max = {b: _validate(module, root, tmp_path, b, None) for b in (1, 4, 16)}
+    for b in (4, 16):
+        changed = int((batch_max[b] - batch_max[1]).abs().sum()) // 2
+        print(f"eval_size=null: val batch {b} vs 1: {changed} of {int(batch_max[1].sum())} scored pixels "
+              f"change class, mIoU {_miou(batch_max[b]):.4f} vs {_miou(batch_max[1]):.4f}")
+        assert changed > 0, b
+
+
+def _miou(mat: torch.Tensor) -> float:
+    cm = ConfusionMatrix(mat.shape[0])
+    cm.mat = mat
+    return cm.compute()["miou"]
+
+
 def test_num_classes_mismatch_is_a_config_error(tmp_path):
     dm = _datamodule(tmp_path / "syn")
     with pytest.raises(ConfigError, match="model.num_classes"):
@@ -189,23 +309,32 @@ def test_configs_compose_and_build(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
+    from backbone.training.runner import resolve_num_classes
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["task=seg", f"paths.cache_dir={tmp_path}", "model.backbone.pretrained=none"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "out")
-        assert cfg.model.num_classes == 7 and cfg.data.num_classes == 7
+        assert cfg.data.num_classes == "auto"
         assert cfg.data.synthetic.root.startswith(f"{tmp_path}/synthetic/")
         assert cfg.data.root == f"{cfg.data.synthetic.root}/VOCdevkit/VOC2012"
+        data = instantiate(cfg.data, _convert_="all")
+        assert resolve_num_classes(cfg, data) == 7  # background + the generator's 6 shapes, no file read
+        assert cfg.model.num_classes == 7 and cfg.data.num_classes == 7
         module = instantiate(cfg.model, _convert_="all")
         assert isinstance(module, DeepLabModule) and module.model.output_stride == 16
         assert module.optimizer_factory.func is torch.optim.AdamW and module.scheduler_factory.func is WarmupPolyLR
         assert module.optimizer_factory.keywords == {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 4e-5}
         data = instantiate(cfg.data, _convert_="all")
         assert isinstance(data, SegDataModule) and data.normalize == "imagenet"
+        # TF's geometry on the synthetic default: 16k+1 crop and eval sizes, corner-aligned resizes
+        assert cfg.data.crop_size == 161 and data.eval_size == (353, 353) and module.model.align_corners
 
         voc = compose("train", overrides=["task=seg", "experiment=deeplabv3_mnv2_voc", "data.root=/data/VOC2012",
                                           "data.sbd_root=/data/SBD"])
+        assert resolve_num_classes(voc, instantiate(voc.data, _convert_="all")) == 21  # VOC's 21 names
         assert voc.model.num_classes == 21 and voc.data.train_split == "trainaug" and voc.data.crop_size == 513
+        assert voc.data.eval_size == 513 and voc.model.align_corners is True
         assert voc.trainer.sync_batchnorm is True and voc.trainer.precision == "bf16-mixed"
         assert voc.model.optimizer.lr == 0.007 and voc.model.scheduler._target_.endswith(".WarmupPolyLR")
         assert voc.model.optimizer._target_ == "torch.optim.SGD" and voc.model.scheduler.power == 0.9
@@ -215,30 +344,44 @@ def test_configs_compose_and_build(tmp_path):
             compose("train", overrides=["task=seg", "data=voc"]).data.root  # noqa: B018 -- ??? must be set
 
 
-# Measured on this 2-core CPU (shared with other jobs; 151-247 s), seed 0, ImageNet init, AdamW 1e-3
-# poly, 80 steps (10 epochs of 64 synthetic 128-px images, crop 112): val mIoU over the 7 classes went
-# from 0.029 (untrained) to 0.193-0.211 in two runs; predicting background everywhere scores ~0.11.
-# The test asks for > THRESHOLD (margin >= 0.04 under the measured values) and a rise of > MIN_RISE
-# (measured 0.16-0.18).
+# Measured on the 2-core CPU (seed 0, ImageNet init, the default's align_corners=true and 16k+1 sizes,
+# AdamW 2e-3 poly, 224 steps: 28 epochs of 64 synthetic 96-px images in crops of 65, batch 8): val mIoU
+# 0.5240 in each of three runs (deterministic), 17 s for the whole test on a lightly loaded machine;
+# predicting background everywhere scores 0.1141 on the same 16 val images (computed by the test).
+# Other seeds land lower (0.472 when an extra validation before fit shifts the RNG), so the test asks
+# for >= THRESHOLD (24 % under 0.524) and a margin of >= MIN_MARGIN over that baseline (measured 0.41).
 # (Longer runs go much further: the default `task=seg` run reaches 0.82 after 6 epochs.)
-THRESHOLD = 0.15
-MIN_RISE = 0.10
+THRESHOLD = 0.40
+MIN_MARGIN = 0.25
+
+
+def _sha1s(folder: Path, names: list[str]) -> set[str]:
+    return {hashlib.sha1((folder / f"{n}.jpg").read_bytes()).hexdigest() for n in names}
 
 
 @pytest.mark.slow
 def test_short_cpu_training_learns(tmp_path, imagenet_weights):
     pl.seed_everything(0, workers=True)
-    dm = _datamodule(tmp_path / "syn", synthetic={"num_train": 64, "num_val": 16, "size": 128}, crop_size=112,
+    dm = _datamodule(tmp_path / "syn", synthetic={"num_train": 64, "num_val": 16, "size": 96}, crop_size=65,
                      batch_size=8, val_batch_size=8, augment={"scale_min": 0.75, "scale_max": 1.25, "hflip": True})
-    module = _module(backbone={"pretrained": str(imagenet_weights)},
-                     optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=4e-5),
+    assert dm.eval_size == (129, 129)  # round(96 * 4/3) = 128 -> 16*8+1
+    module = _module(backbone={"pretrained": str(imagenet_weights)}, align_corners=True,
+                     optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=4e-5),
                      scheduler=partial(WarmupPolyLR, power=0.9))
-    trainer = _trainer(tmp_path, max_epochs=10, check_val_every_n_epoch=10)
+    trainer = _trainer(tmp_path, max_epochs=28, check_val_every_n_epoch=28)
     t0 = time.time()
-    trainer.validate(module, datamodule=dm, verbose=False)
-    before = module.evaluation_metrics()["miou"]
     trainer.fit(module, datamodule=dm)
-    after = module.evaluation_metrics()["miou"]
-    print(f"val mIoU before {before:.3f}, after {after:.3f} ({time.time() - t0:.0f}s)")
-    assert not math.isnan(after)
-    assert after > THRESHOLD and after - before > MIN_RISE
+    result = module.evaluation_metrics()["miou"]
+    # it is scored on images it never trained on: other scenes, other files
+    voc = tmp_path / "syn" / "VOCdevkit" / "VOC2012"
+    train_ids, val_ids = (dm.train_dataset.ids, dm.val_dataset.ids)
+    assert len(val_ids) == 16 and not set(train_ids) & set(val_ids)
+    assert not _sha1s(voc / "JPEGImages", train_ids) & _sha1s(voc / "JPEGImages", val_ids)
+    # the all-background prediction's mIoU on the same val pixels
+    all_background = ConfusionMatrix(7)
+    for batch in dm.val_dataloader():
+        all_background.update(torch.zeros_like(batch["masks"]), batch["masks"])
+    baseline = all_background.compute()["miou"]
+    print(f"val mIoU {result:.4f} (all background: {baseline:.4f}) in {time.time() - t0:.0f}s")
+    assert not math.isnan(result)
+    assert result >= THRESHOLD and result - baseline >= MIN_MARGIN

@@ -7,6 +7,7 @@ a throwaway TF venv; TF is not a dependency). Synthetic graphs test the failure 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_settings_read_from_graph(imported):
     assert info.notes == []
     assert cfg["backbone"]["padding"] == "tf" and cfg["backbone"]["bn_eps"] == 1e-3
     assert cfg["box_code_order"] == "yx" and cfg["normalize"] == "tf" and cfg["score_converter"] == "sigmoid"
+    assert cfg["resize"] == "tf_bilinear"  # the data pipeline resizes as TF's Preprocessor
     assert imported.meta == {"class_names": ["pedestrian"], "category_ids": [1]}
 
 
@@ -99,6 +101,85 @@ def test_detections_from_raw_photo(imported, reference):
             top = tf_import.match_detections(tf_boxes[:1], tf_scores[:1], det["boxes"][:1].numpy(),
                                              det["scores"][:1].numpy(), min_score=0.0)
             assert top["min_iou"] > 0.9, (photo, top)
+
+
+def test_eval_transform_reproduces_tf_input(reference):
+    """The data pipeline's eval transform with the imported model's `resize: tf_bilinear` gives TF's own
+    preprocessed input (uint8 -> float -> TF legacy bilinear -> normalise); cv2's does not."""
+    from mnv2det.transforms import build_eval_transform
+
+    target = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "crowd": np.zeros(0, bool)}
+    for photo in _photos(reference):
+        tf_input = torch.from_numpy(reference[f"{photo}__input"]).permute(2, 0, 1)
+        ours, _ = build_eval_transform(300, "tf", "tf_bilinear")(_photo(photo), target)
+        assert (ours - tf_input).abs().max() < 1e-5, photo
+        cv, _ = build_eval_transform(300, "tf", "cv2_linear")(_photo(photo), target)
+        assert (cv - tf_input).abs().max() > 0.1, photo
+
+
+# ----------------------------------------------------------------------------- through tools/evaluate.py
+# A tiny COCO-format set of the reference photos (PNG: lossless) with three categories of which the
+# pedestrian model (one class, id 1) knows only the person; persons boxed by hand, none in coffee.
+EVAL_SET = {"astronaut": [20, 10, 340, 502], "camera": [0, 60, 330, 452], "coffee": None}
+EVAL_CATEGORIES = [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}, {"id": 3, "name": "car"}]
+
+
+def _write_eval_set(root: Path) -> dict[str, int]:
+    from PIL import Image
+
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, anns, ids = [], [], {}
+    for i, (photo, box) in enumerate(EVAL_SET.items(), start=1):
+        img = _photo(photo)
+        Image.fromarray(img).save(root / "val2017" / f"{photo}.png")
+        images.append({"id": i, "file_name": f"{photo}.png", "height": img.shape[0], "width": img.shape[1]})
+        ids[photo] = i
+        if box:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0})
+    (root / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": EVAL_CATEGORIES}))
+    return ids
+
+
+def test_evaluate_imported_graph_on_a_coco_format_set(imported, reference, tf_ssdlite_graph, run_tool, tmp_path):
+    """tools/evaluate.py with nothing but the checkpoint and data.root: the model's classes come from the
+    checkpoint and are matched by category id (no data.num_classes), the categories it does not know are
+    named in one line and scored as missed, and the detections are TF's (the model's `resize: tf_bilinear`
+    makes the data pipeline preprocess as TF)."""
+    ckpt = tmp_path / "pedestrian.ckpt"
+    torch.save(tf_import.checkpoint_dict(imported, tf_ssdlite_graph), ckpt)
+    root = tmp_path / "coco"
+    ids = _write_eval_set(root)
+    out = tmp_path / "eval"
+    r = run_tool("evaluate.py", ["task=det", f"ckpt_path={ckpt}", "data=coco", f"data.root={root}",
+                                 "data.num_workers=0", "trainer.accelerator=cpu"], tmp_path / "cache", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (r.stdout + r.stderr).splitlines()
+    unknown = [line for line in log if "unknown to the model" in line]
+    assert len(unknown) == 1 and "bicycle (2), car (3)" in unknown[0], unknown
+
+    # the person category is scored (AP50 1: both persons found above any false positive); bicycle and
+    # car have no ground truth here, so they do not enter the mean
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["map_50"] == pytest.approx(1.0) and metrics["map"] > 0.5, metrics
+    table = {row[0]: row[1:] for row in (line.split() for line in log) if len(row) == 3}
+    assert table["bicycle"] == ["-", "-"] and table["car"] == ["-", "-"] and table["person"][1] == "1.000"
+
+    # TF's detections, through the data pipeline (score >= 0.05: same boxes, same scores)
+    detections = json.loads((out / "detections.json").read_text())
+    assert {d["category_id"] for d in detections} == {1}
+    for photo, image_id in ids.items():
+        h, w = _photo(photo).shape[:2]
+        mine = sorted((d for d in detections if d["image_id"] == image_id), key=lambda d: -d["score"])
+        boxes = np.array([d["bbox"] for d in mine], np.float64).reshape(-1, 4)
+        xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) / [w, h, w, h]
+        res = tf_import.match_detections(reference[f"{photo}__detection_boxes"],
+                                         reference[f"{photo}__detection_scores"], xyxy,
+                                         np.array([d["score"] for d in mine]), min_score=0.05)
+        assert res["n_ours"] == res["n_tf"], (photo, res)
+        assert res["min_iou"] > 0.99 and res["max_score_diff"] < 1e-3, (photo, res)
 
 
 # ----------------------------------------------------------------------------- checkpoint

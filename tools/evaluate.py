@@ -5,8 +5,11 @@ Prints the task's table and writes metrics.json (det: also detections.json) into
 save_predictions=true also RUN_DIR/predictions/: det, each val image with its detections drawn
 (score >= 0.3, ground truth in white); seg, the predicted masks as VOC palette PNGs.
 
-The model (architecture, classes, normalisation) comes from the checkpoint; `model.*` overrides
-on the command line (`model.inference=mf`, `~model.x`, `+model.y=1`) are applied on top of it.
+The model (architecture, classes, input normalisation and resize) comes from the checkpoint; `model.*`
+overrides on the command line (`model.inference=mf`, `~model.x`, `+model.y=1`) are applied on top of it.
+No `data.num_classes` is needed: the data's labels follow the checkpoint's classes (det: matched by
+category id, so a TF model with 90 label-map ids evaluates on COCO's 80 categories; a dataset category
+the model does not know is scored as missed, and both kinds of mismatch are logged once).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("save_predictions"):
         module.predictions_dir = out_dir / "predictions"
     datamodule = build(cfg.data, "data")
+    datamodule.use_model_classes(info.get("meta") or {})
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return report(module, trainer, out_dir)

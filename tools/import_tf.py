@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from backbone.training.downloads import sha256_file
     from backbone.errors import Mnv2Error
+    from backbone.training.downloads import sha256_file
     from mnv2det import tf_import
 
     try:

@@ -17,7 +17,7 @@ from torch import nn
 
 from backbone import build_backbone
 from backbone.complexity import count_madds, count_params
-from backbone.training.runner import build
+from backbone.training.runner import build, resolve_num_classes
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -57,6 +57,7 @@ def configured_model(overrides: list[str]) -> nn.Module:
     """The network (no Lightning wrapper) of `task=... model...` with random init."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "model.backbone.pretrained=none"])
+    resolve_num_classes(cfg, build(cfg.data, "data"))  # data.num_classes: auto -> the data's count
     module = build(cfg.model, "model")
     return getattr(module, "model", module)
 

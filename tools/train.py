@@ -4,6 +4,9 @@
 The default trains SSDLite on the synthetic set (generated on first use), evaluates the best
 checkpoint on the whole val set and prints the COCO table; `task=seg` does the same for Mobile
 DeepLabv3 with mIoU. Everything is built from `conf/` with `hydra.utils.instantiate`.
+
+`data.num_classes: auto` (the default) takes the class count from the data before the model is
+built (:func:`resolve_num_classes`), so any COCO-format set trains without setting it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from backbone.errors import DataError
 from backbone.training.checkpoint import RunInfoCallback
-from backbone.training.runner import build, build_group, build_trainer, check_trainer, output_dir, report, run_cli
+from backbone.training.runner import (
+    build,
+    build_group,
+    build_trainer,
+    check_trainer,
+    output_dir,
+    report,
+    resolve_num_classes,
+    run_cli,
+)
 
 log = logging.getLogger("mnv2")
 
@@ -30,9 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True)
     log.info("seed %d, run dir %s", int(cfg.seed), out_dir)
 
-    # Model first: it validates its own config and loads weights before any data is read.
-    module = build(cfg.model, "model")
+    # The data's classes (no image read), then the model: it validates its own config and loads its
+    # weights before any image is read or a synthetic set generated.
     datamodule = build(cfg.data, "data")
+    resolve_num_classes(cfg, datamodule)
+    module = build(cfg.model, "model")
     config = OmegaConf.to_container(cfg, resolve=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
 

@@ -11,6 +11,7 @@ keeps the plain seed, so single-process runs are unchanged.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -52,11 +53,13 @@ def main_process_seed() -> int:
     return rank_seed(torch.initial_seed())
 
 
-def seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int, rank: int = 0) -> None:
     """DataLoader ``worker_init_fn``: give each worker (of each rank) its own augmentation stream.
 
     ``get_worker_info().seed`` derives from the loader's base seed, so runs under
-    ``seed_everything`` stay reproducible.
+    ``seed_everything`` stay reproducible. ``rank`` is the creating process's global rank (a
+    worker cannot ask torch.distributed: the process group is not usable in it); bind it with
+    :func:`worker_init_fn`.
     """
     import random
 
@@ -66,13 +69,18 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
-    seed = rank_seed(info.seed)
+    seed = rank_seed(info.seed, rank)
     for attr in ("transforms", "transform"):
         if reseed_transform(getattr(info.dataset, attr, None), seed):
             break
     np.random.seed(seed % 2**32)
     random.seed(seed)
     torch.manual_seed(seed)  # rank 0: the seed the DataLoader gave this worker already
+
+
+def worker_init_fn() -> Callable[[int], None]:
+    """:func:`seed_worker` bound to this process's global rank (call it where the loader is made)."""
+    return functools.partial(seed_worker, rank=global_rank())
 
 
 def eval_sampler(dataset: Dataset) -> Sampler | None:
@@ -98,4 +106,4 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
                       num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory and torch.cuda.is_available(),
                       drop_last=train and len(dataset) > batch_size,
-                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0)
+                      worker_init_fn=worker_init_fn(), persistent_workers=num_workers > 0)

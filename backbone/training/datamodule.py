@@ -20,7 +20,22 @@ Arguments every subclass takes (validated here, once; a bad value raises
                      ``root`` is required). ``root`` then points inside DIR (``DIR/coco`` or
                      ``DIR/VOCdevkit/VOC2012``). Any other key is refused as ``data.synthetic.<key>``.
 
-Subclasses add their own arguments (splits, input/crop size, augmentation, class checks).
+Subclasses add their own arguments (splits, input/crop size, augmentation), among them
+``num_classes``: an integer, or ``auto`` (:data:`AUTO`, the configs' default) for "what the data
+has" (det: the categories of the val annotation file; seg: ``len(class_names)``, else VOC's 21).
+
+Classes, before any image is read:
+
+- ``read_classes()`` -> (class names, where they come from): det reads only the ``categories`` of the
+  val annotation file (json; a synthetic set not generated yet answers with the generator's
+  categories, so a bad model config still fails before anything is generated); seg the configured
+  names.
+- ``resolve_classes()``: ``auto`` becomes that count, an explicit number is checked against it (a
+  ConfigError naming ``data.num_classes`` with both numbers). ``tools/train.py`` calls it before
+  building the model and writes the count into ``data.num_classes``, which ``model.num_classes`` reads.
+- ``use_model_classes(meta)``: ``tools/evaluate.py`` hands over the checkpoint's ``meta`` before
+  ``setup`` so the data's labels mean the model's classes (det: matched by category id; the base
+  does nothing: seg class indices are the mask values).
 
 Lifecycle:
 
@@ -79,12 +94,24 @@ log = logging.getLogger(__name__)
 SYNTHETIC_KEYS: tuple[str, ...] = ("root", *synthetic_data.DEFAULTS, "progress")
 #: The keys every ``meta`` holds (subclasses add their own).
 META_KEYS: tuple[str, ...] = ("class_names", "num_classes", "dataset", "normalize")
+#: ``num_classes: auto``: the count comes from the data (:meth:`TaskDataModule.resolve_classes`).
+AUTO = "auto"
 
 
 def check_int(key: str, value: Any, lo: int) -> int:
     """``value`` as an int >= ``lo``, else a ConfigError naming ``data.<key>``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ConfigError(f"data.{key}", f"must be an integer >= {lo}, got {value!r}", f"set data.{key}=...")
+    return int(value)
+
+
+def check_num_classes(value: Any, lo: int) -> int | None:
+    """``data.num_classes`` as an int >= ``lo``, or None for :data:`AUTO` (or None)."""
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError("data.num_classes", f"must be {AUTO} or an integer >= {lo}, got {value!r}",
+                          f"set data.num_classes={AUTO} (read from the data)")
     return int(value)
 
 
@@ -110,6 +137,10 @@ class TaskDataModule(pl.LightningDataModule):
     collate_fn: Callable[[list[Any]], Any]
     #: the fix printed when ``data.root`` is not set.
     root_fix: str = "set data.root=/path/to/the/dataset"
+    #: what :meth:`read_classes` counts, for the mismatch message
+    classes_noun: str = "classes"
+    #: the class count the data must have; None: ``auto`` (set by the subclass, see :func:`check_num_classes`)
+    num_classes: int | None = None
 
     def __init__(self, root: str, batch_size: int, val_batch_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = True, normalize: NormalizeSpec = "imagenet",
@@ -144,6 +175,28 @@ class TaskDataModule(pl.LightningDataModule):
     def task_meta(self) -> dict[str, Any]:
         """``meta`` but ``normalize``: ``class_names``, ``num_classes``, ``dataset`` and the task's own keys."""
         raise NotImplementedError
+
+    def read_classes(self) -> tuple[list[str], str]:
+        """(the data's class names, what they were read from), without reading any image."""
+        raise NotImplementedError
+
+    def use_model_classes(self, meta: Mapping[str, Any]) -> None:
+        """Make the labels mean the classes of a trained model (its checkpoint's ``meta``); before ``setup``."""
+
+    # ------------------------------------------------------------------------------- classes
+    def check_class_count(self, found: int, source: str) -> None:
+        """Refuse an explicit ``num_classes`` that differs from the ``found`` classes of ``source``."""
+        if self.num_classes is not None and self.num_classes != found:
+            raise ConfigError("data.num_classes", f"is {self.num_classes} but {source} has {found} {self.classes_noun}",
+                              f"set data.num_classes={found}, or data.num_classes={AUTO} to take it from the data")
+
+    def resolve_classes(self) -> tuple[list[str], str]:
+        """``num_classes``: ``auto`` -> the data's class count; an explicit number is checked against it.
+        Returns :meth:`read_classes`'s (names, source)."""
+        names, source = self.read_classes()
+        self.check_class_count(len(names), source)
+        self.num_classes = len(names)
+        return names, source
 
     # ----------------------------------------------------------------------------- lifecycle
     def prepare_data(self) -> None:

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from backbone.errors import ArgumentError, ConfigError, Mnv2Error
+from backbone.training.datamodule import TaskDataModule
 
 log = logging.getLogger("mnv2")
 
@@ -60,6 +61,20 @@ def build_group(group: DictConfig | None, key: str) -> list[Any]:
         if node is not None and "_target_" in node:
             out.append(build(node, f"{key}.{name}"))
     return out
+
+
+def resolve_num_classes(cfg: DictConfig, datamodule: TaskDataModule) -> int:
+    """The one place ``data.num_classes`` is settled: ``auto`` -> the data's class count (det: the val
+    annotation file's categories, read as json; seg: data.class_names or VOC's 21), an explicit number
+    checked against it. Writes it into ``cfg.data.num_classes`` (``model.num_classes`` reads it) and
+    returns it; reads no image."""
+    names, source = datamodule.resolve_classes()
+    num_classes = len(names)
+    with open_dict(cfg):
+        cfg.data.num_classes = num_classes
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    log.info("%d classes from %s: %s", num_classes, source, shown)
+    return num_classes
 
 
 def check_trainer(trainer_cfg: DictConfig) -> None:

@@ -14,7 +14,9 @@ The frozen GraphDef is read with TensorBoard's protobuf classes (`tensorboard.co
 
 TF specifics kept: 'SAME' padding (backbone padding="tf"), BatchNorm eps 1e-3, box codes in
 (ty, tx, th, tw) order (box_code_order="yx"), normalisation x / 127.5 - 1, and TF's legacy
-bilinear resize (`tf_resize_bilinear`, align_corners=False without half-pixel centres).
+bilinear resize (`tf_resize_bilinear`, align_corners=False without half-pixel centres), written
+into the model config as `resize: tf_bilinear` so that the data pipeline of `tools/evaluate.py`
+resizes as TF does (uint8 -> float -> resize -> normalise).
 
 Name tables (prefix FE = FeatureExtractor/MobilenetV2):
     FE/Conv                               backbone.features.0.{0 conv, 1 bn}
@@ -46,8 +48,16 @@ from typing import Any, Sequence
 import torch
 
 from backbone.errors import DataError
-from mnv2det.tf_import.config import (DEFAULTS, LIGHTNING_TARGET, TFModelInfo, apply_pipeline_config, class_meta,
-                                      inspect_graph, model_config, ssdlite_kwargs)
+from mnv2det.tf_import.config import (
+    DEFAULTS,
+    LIGHTNING_TARGET,
+    TFModelInfo,
+    apply_pipeline_config,
+    class_meta,
+    inspect_graph,
+    model_config,
+    ssdlite_kwargs,
+)
 from mnv2det.tf_import.graph import FE, TFGraph
 from mnv2det.tf_import.parity import match_detections, preprocess_photo, reference_detections, reference_diffs
 from mnv2det.tf_import.resize import tf_resize_bilinear

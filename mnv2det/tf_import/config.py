@@ -370,6 +370,7 @@ def model_config(info: TFModelInfo) -> tuple[dict[str, Any], list[str]]:
         "score_converter": info.score_converter,
         "image_size": h if h == w else [h, w],
         "normalize": normalize,
+        "resize": "tf_bilinear",  # the Preprocessor's ResizeBilinear (legacy, no half-pixel centres): data.resize
         "postprocess": {
             "score_threshold": float(info.score_threshold if info.score_threshold is not None else 1e-8),
             "nms_iou": float(info.nms_iou if info.nms_iou is not None else 0.6),
@@ -381,8 +382,9 @@ def model_config(info: TFModelInfo) -> tuple[dict[str, Any], list[str]]:
 
 def ssdlite_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The SSDLite constructor's keyword arguments within a model config (drops _target_)."""
-    from mnv2det.ssdlite import SSDLite
     import inspect
+
+    from mnv2det.ssdlite import SSDLite
 
     params = set(inspect.signature(SSDLite.__init__).parameters) - {"self"}
     return {k: v for k, v in config.items() if k in params}

@@ -20,7 +20,7 @@ from backbone.errors import ArgumentError
 from backbone.training.task_module import TaskModule
 from backbone.training.voc_format import IGNORE_INDEX, class_names_for, voc_palette
 from mnv2seg.deeplabv3 import DeepLabV3
-from mnv2seg.inference import DEFAULT_MF_SCALES, INFERENCE_MODES, predict_probs
+from mnv2seg.inference import DEFAULT_MF_SCALES, INFERENCE_MODES, predict
 from mnv2seg.metrics import ConfusionMatrix, format_report
 
 
@@ -94,9 +94,7 @@ class DeepLabModule(TaskModule):
 
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> softmax probabilities (B, K, H, W) with the configured inference mode."""
-        if self.inference == "mf":
-            return predict_probs(self.model, images, self.mf_scales, self.mf_flip, self.model.align_corners)
-        return predict_probs(self.model, images, (1.0,), False, self.model.align_corners)
+        return predict(self.model, images, self.inference, self.mf_scales, self.mf_flip, self.model.align_corners)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images, masks = batch["images"], batch["masks"]

@@ -146,7 +146,7 @@ def run_versions(run_dir: Path) -> dict[str, str]:
         import torch
 
         try:
-            recorded = torch.load(ckpt, map_location="cpu", weights_only=False).get("mnv2", {}).get("versions", {})
+            recorded = torch.load(ckpt, map_location="cpu", weights_only=True).get("mnv2", {}).get("versions", {})
         except Exception:  # noqa: BLE001 -- an unreadable checkpoint only loses the recorded versions
             recorded = {}
         out.update({k: str(recorded[k]) for k in out if k in recorded})

@@ -16,6 +16,8 @@ config. Checkpoints made by other means (e.g. `tools/import_tf.py`) write the sa
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,28 @@ class RunInfoCallback(pl.Callback):
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on CPU and check that it describes itself (has the `mnv2` entry)."""
+    """Load a checkpoint on CPU as data, never as code, and check that it describes itself.
+
+    ``torch.load(weights_only=True)``: tensors and plain containers only, which is all our
+    checkpoints (tools/train.py, tools/import_tf.py) hold. A file that needs more (a pickled object
+    whose loading could run arbitrary code) is refused with a DataError naming what it wanted.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(path, "checkpoint file not found", "pass ckpt_path=PATH to a .ckpt written by tools/train.py "
                         "(RUN_DIR/checkpoints/last.ckpt or best-*.ckpt) or tools/import_tf.py")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:  # not a pickled object we refuse: a broken or foreign file
+            raise DataError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})",
+                            "check the file is complete (not a partial download)") from None
+        wanted = f"it asks for {found.group(1)}"
+        raise DataError(path, "refused: it holds pickled Python objects, not only tensors and plain data, and "
+                        f"loading them could run code ({wanted})",
+                        "use checkpoints written by tools/train.py or tools/import_tf.py, which hold data "
+                        "only") from None
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same message
         raise DataError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})",
                         "check the file is complete (not a partial download)") from e

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from backbone.errors import ConfigError
+from backbone.errors import ArgumentError, ConfigError
 from backbone.normalization import NormalizeSpec, resolve_normalization
 
 # Every recipe's settings and their defaults (`data.augment` = {recipe: NAME, **settings}).
@@ -495,8 +495,6 @@ EVAL_RESIZES: tuple[str, ...] = ("cv2_linear", "tf_bilinear")
 
 def check_resize(resize: str) -> str:
     """``resize`` if it is one of :data:`EVAL_RESIZES`, else an ArgumentError."""
-    from backbone.errors import ArgumentError
-
     if resize not in EVAL_RESIZES:
         raise ArgumentError("resize", f"must be one of {list(EVAL_RESIZES)}, got {resize!r}",
                             "cv2_linear for models trained here, tf_bilinear for imported TF graphs")

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             for photo, d in diffs.items():
                 print(f"  {photo:10s} box_encodings {d['box_encodings']:.2e}  class_logits {d['class_logits']:.2e}  "
                       f"anchors {d['anchors']:.2e}  our preprocessing vs TF's input {d.get('input', float('nan')):.2e}")
-                for label, det in (("TF input", dets[photo]), ("raw photo", dets_photo[photo])):
+                for label, det in (("TF input", dets.get(photo)), ("raw photo", dets_photo.get(photo))):
+                    if det is None:  # raw photos need scikit-image (pip install -e ".[dev]")
+                        continue
                     print(f"  {'':10s} detections >= 0.05 from {label:9s}: TF {det['n_tf']}, ours {det['n_ours']}, "
                           f"min IoU {det['min_iou']:.6f}, max |score diff| {det['max_score_diff']:.2e}")
     except Mnv2Error as err:

@@ -158,6 +158,19 @@ def _check_number(name: str, value: object, low: float, high: float | None, low_
     return float(value)
 
 
+def check_architecture(width_mult: object, output_stride: object) -> tuple[float, int]:
+    """``(width_mult, output_stride)`` checked (> 0; one of 8/16/32), else ArgumentError naming the argument.
+
+    The architecture rules a config can be checked against before anything is built
+    (:mod:`backbone.training.config_checks`); :class:`MobileNetV2` applies them again itself.
+    """
+    width = _check_number("width_mult", width_mult, 0.0, None, False, "use e.g. 1.0 (supported range 0.35..1.4)")
+    if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+        raise ArgumentError("output_stride", f"must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}",
+                            "use 32 (classification/detection), 16 or 8 (segmentation)")
+    return width, int(output_stride)
+
+
 def _normalize_out_features(out_features: str | Iterable[str]) -> tuple[str, ...]:
     key = "out_features"
     if isinstance(out_features, str):
@@ -197,10 +210,7 @@ class MobileNetV2(nn.Module):
                  out_features: str | Sequence[str] = ("layer_19",), frozen_stages: int = 0,
                  norm_eval: bool = False) -> None:
         super().__init__()
-        width_mult = _check_number("width_mult", width_mult, 0.0, None, False, "use e.g. 1.0 (supported range 0.35..1.4)")
-        if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
-            raise ArgumentError("output_stride", f"must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}",
-                              "use 32 (classification/detection), 16 or 8 (segmentation)")
+        width_mult, output_stride = check_architecture(width_mult, output_stride)
         if padding not in PADDINGS:
             raise ArgumentError("padding", f"must be one of {list(PADDINGS)}, got {padding!r}",
                               "use 'torch' (symmetric) or 'tf' (TensorFlow SAME, for TF-trained weights)")

@@ -24,6 +24,16 @@ from torch import nn
 from backbone.errors import ArgumentError
 
 
+def check_num_layers(num_layers: int, num_feature_maps: int) -> None:
+    """The generator makes one set of boxes per feature map: ArgumentError naming ``num_layers`` unless
+    it equals ``num_feature_maps`` (checked at start-up by :mod:`backbone.training.config_checks` and
+    again for every batch's maps)."""
+    if int(num_layers) != int(num_feature_maps):
+        raise ArgumentError("num_layers",
+                            f"anchor generator has {num_layers} layers but got {num_feature_maps} feature maps",
+                            "make num_layers equal to the number of feature maps")
+
+
 class DefaultBoxGenerator(nn.Module):
     """TF `ssd_anchor_generator` default boxes.
 
@@ -82,10 +92,7 @@ class DefaultBoxGenerator(nn.Module):
 
     def _check_sizes(self, feature_map_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         sizes = tuple((int(h), int(w)) for h, w in feature_map_sizes)
-        if len(sizes) != self.num_layers:
-            raise ArgumentError("num_layers",
-                              f"anchor generator has {self.num_layers} layers but got {len(sizes)} feature maps",
-                              "make num_layers equal to the number of feature maps")
+        check_num_layers(self.num_layers, len(sizes))
         return sizes
 
     def _generate_yx(self, sizes: tuple[tuple[int, int], ...], image_hw: tuple[int, int] | None,

@@ -14,6 +14,10 @@ every image of the evaluated set (``img_ids``, default: all images of the GT fil
 without detections count as misses. Detections are rounded (boxes 0.01 px, scores 1e-5) once,
 and the same rounded numbers are both scored and written to ``detections.json``, so re-scoring
 the file with pycocotools reproduces ``metrics.json`` exactly.
+
+Scoring runs ``faster_coco_eval.COCOeval_faster`` (a C++ port of COCOeval: the same stats and
+precision arrays, several times faster) when it is installed, else ``pycocotools.cocoeval.COCOeval``;
+the summary table is written here in pycocotools' format either way (tests/test_det_eval.py).
 """
 from __future__ import annotations
 
@@ -134,7 +138,8 @@ class COCOEvaluator:
         self.results = self.to_coco_results(dets)
         names = {**dict(zip(self.category_ids, self.class_names)),
                  **{int(c): str(cat.get("name", c)) for c, cat in self.coco_gt.cats.items()}}
-        self.metrics, self.report = score_results(self.coco_gt, self.results, self.img_ids, names)
+        self.pr: dict[str, Any] = {}  # filled by score_results: the PR curves TensorBoard draws
+        self.metrics, self.report = score_results(self.coco_gt, self.results, self.img_ids, names, pr=self.pr)
         return dict(self.metrics)
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -147,14 +152,17 @@ class COCOEvaluator:
 
 
 def score_results(coco_gt: Any, results: list[dict[str, Any]], img_ids: Sequence[int] | None = None,
-                  names: dict[int, str] | None = None) -> tuple[dict[str, float], str]:
+                  names: dict[int, str] | None = None, pr: dict[str, Any] | None = None) -> tuple[dict[str, float], str]:
     """Run COCOeval (bbox) over ``img_ids``; returns (metrics, report). Quiet.
+
+    ``pr``: a dict that receives the precision-recall curves at IoU 0.5 (area all, most detections):
+    ``recall`` (R,) COCO's recall thresholds, ``precision`` (R, K) per category (-1: no ground truth),
+    ``category_ids`` (K,); left empty when there are no detections.
 
     The report is pycocotools' 12-line summary followed by per-class AP and AP50 (area all, 100
     detections; ``-`` where the class has no ground truth), named by ``names`` (category id -> name).
     """
-    from pycocotools.cocoeval import COCOeval
-
+    COCOeval = _cocoeval_class()
     img_ids = sorted(int(i) for i in (img_ids if img_ids is not None else coco_gt.getImgIds()))
     if not results:
         metrics = {name: 0.0 for name in STAT_NAMES}
@@ -167,11 +175,44 @@ def score_results(coco_gt: Any, results: list[dict[str, Any]], img_ids: Sequence
         ev.params.imgIds = img_ids
         ev.evaluate()
         ev.accumulate()
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
+    with contextlib.redirect_stdout(io.StringIO()):
         ev.summarize()
     metrics = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    table = io.StringIO(summary_table(ev.stats, list(ev.params.maxDets)) + "\n")
+    if pr is not None:
+        iou50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
+        pr.update(recall=np.asarray(ev.params.recThrs), precision=ev.eval["precision"][iou50, :, :, 0, -1].copy(),
+                  category_ids=list(ev.params.catIds))
     return metrics, table.getvalue().rstrip("\n") + "\n" + _per_class_table(ev, names or {})
+
+
+def _cocoeval_class() -> type:
+    """faster_coco_eval's COCOeval when installed (identical numbers, faster), else pycocotools'."""
+    try:
+        import logging
+
+        from faster_coco_eval import COCOeval_faster
+
+        logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs its summary at INFO
+        return COCOeval_faster
+    except ImportError:
+        from pycocotools.cocoeval import COCOeval
+
+        return COCOeval
+
+
+def summary_table(stats: Sequence[float], max_dets: Sequence[int] = (1, 10, 100)) -> str:
+    """pycocotools' 12-line ``COCOeval.summarize`` table (bbox) from its ``stats``."""
+    rows = [(1, "0.50:0.95", "all", 2), (1, "0.50", "all", 2), (1, "0.75", "all", 2), (1, "0.50:0.95", "small", 2),
+            (1, "0.50:0.95", "medium", 2), (1, "0.50:0.95", "large", 2), (0, "0.50:0.95", "all", 0),
+            (0, "0.50:0.95", "all", 1), (0, "0.50:0.95", "all", 2), (0, "0.50:0.95", "small", 2),
+            (0, "0.50:0.95", "medium", 2), (0, "0.50:0.95", "large", 2)]
+    lines = []
+    for (ap, iou, area, m), value in zip(rows, stats):
+        title, kind = ("Average Precision", "(AP)") if ap else ("Average Recall", "(AR)")
+        lines.append(f" {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6s} | maxDets={int(max_dets[m]):>3d} ] = "
+                     f"{float(value):0.3f}")
+    return "\n".join(lines)
 
 
 def _per_class_table(ev: Any, names: dict[int, str]) -> str:

@@ -7,6 +7,8 @@ Arguments, datasets, loaders and ``meta``: :mod:`backbone.training.datamodule`. 
                 labels (B, M) int64 in 1..K (0 in padding), valid (B, M) bool, crowd (B, M) bool
     image_ids:  (B,) int64
     orig_sizes: (B, 2) int64 (h, w) of the original images (the frame predictions are reported in)
+    health:     {samples: B, events: [(kind, reason, item), ...]}: the batch's data-health records,
+                aggregated by :class:`backbone.training.data_health.DataHealth`
 
 M is the largest object count in the batch (at least 1); padded slots have ``valid=False``.
 """
@@ -21,6 +23,7 @@ import torch
 
 from backbone.errors import DataError
 from backbone.normalization import NormalizeSpec
+from backbone.training.data_health import check_max_bad_fraction, check_setup_fraction
 from backbone.training.dataloader import main_process_seed
 from backbone.training.datamodule import TaskDataModule, check_int, check_num_classes
 from mnv2det.dataset import COCODetection, read_categories, split_paths
@@ -51,6 +54,7 @@ def collate_detections(samples: list[tuple[torch.Tensor, dict[str, Any]]]) -> di
                     "valid": torch.from_numpy(valid), "crowd": torch.from_numpy(crowd)},
         "image_ids": torch.tensor([int(s[1]["image_id"]) for s in samples], dtype=torch.int64),
         "orig_sizes": torch.tensor([tuple(s[1]["orig_size"]) for s in samples], dtype=torch.int64).reshape(B, 2),
+        "health": {"samples": B, "events": [e for s in samples for e in s[1].get("health", ())]},
     }
 
 
@@ -70,6 +74,10 @@ class DetDataModule(TaskDataModule):
             ``cv2_linear`` | ``tf_bilinear`` (:func:`mnv2det.transforms.build_eval_transform`).
         label_category_ids: the category id of each label 1..K of the model (None: the file's
             categories); :meth:`use_model_classes` sets it from a checkpoint's ``meta``.
+        max_bad_fraction: the largest fraction of a split's images that may be unusable (missing at
+            setup: refused at start-up; unreadable at load: the run stops, see
+            :class:`backbone.training.data_health.DataHealth`); None: no limit (the
+            configs set 0.01: conf/data/coco.yaml).
 
     ``meta`` adds ``category_ids``: the category id of contiguous label k at index k-1 (the model's
     when ``label_category_ids`` is set; ``class_names`` then are the model's names).
@@ -84,7 +92,7 @@ class DetDataModule(TaskDataModule):
                  augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, val_batch_size: int | None = None,
                  num_classes: int | str | None = None, resize: str = "cv2_linear",
-                 label_category_ids: Sequence[int] | None = None) -> None:
+                 label_category_ids: Sequence[int] | None = None, max_bad_fraction: float | None = None) -> None:
         super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, normalize=normalize, synthetic=synthetic)
         self.train_split, self.val_split = str(train_split), str(val_split)
@@ -94,11 +102,13 @@ class DetDataModule(TaskDataModule):
         self.resize = check_resize(resize)
         self.label_category_ids = [int(c) for c in label_category_ids] if label_category_ids else None
         self.label_class_names: list[str] | None = None  # the model's names (use_model_classes)
+        self.max_bad_fraction = None if max_bad_fraction is None else check_max_bad_fraction(max_bad_fraction)
 
     def build_dataset(self, train: bool) -> COCODetection:
         if not train:
             return COCODetection(self.root, self.val_split, build_eval_transform(self.image_size, self.normalize,
-                                                                                 self.resize), self.label_category_ids)
+                                                                                 self.resize), self.label_category_ids,
+                                 on_bad="blank")  # every val image predicted once, none twice
         # The main-process stream (num_workers=0) follows the global seed and the rank; workers reseed.
         seed = main_process_seed() % 2**32
         return COCODetection(self.root, self.train_split, build_train_transform(
@@ -143,14 +153,19 @@ class DetDataModule(TaskDataModule):
 
     def check_datasets(self) -> None:
         train, val = self.train_dataset, self.val_dataset
-        if train is not None:
-            if train.category_ids != val.category_ids:
-                raise DataError(train.ann_file, f"categories differ from {val.ann_file.name}",
-                                "use annotation files of the same dataset")
-            if len(train) == 0:
-                raise DataError(train.img_dir, "no training images", "check data.root and the split")
-        if len(val) == 0:
-            raise DataError(val.img_dir, "no validation images", "check data.root and the split")
+        for ds, what in ((train, "training"), (val, "validation")):
+            if ds is None:
+                continue
+            if len(ds) == 0:
+                listed = len(ds.missing_ids)
+                problem = (f"all {listed} {what} images listed in {ds.ann_file.name} are missing" if listed
+                           else f"no {what} images ({ds.ann_file.name} lists none)")
+                raise DataError(ds.img_dir, problem, "check data.root and the split")
+            check_setup_fraction(ds.health, ds.split, len(ds) + len(ds.missing_ids), self.max_bad_fraction,
+                                 ds.img_dir)
+        if train is not None and train.category_ids != val.category_ids:
+            raise DataError(train.ann_file, f"categories differ from {val.ann_file.name}",
+                            "use annotation files of the same dataset")
         self.check_class_count(len(val.category_ids), str(val.ann_file))
         if self.label_category_ids is not None and not self.meta:  # once, at the first setup
             self._report_class_match(val)

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from backbone.errors import DataError
+from backbone.image_io import UnreadableImage, apply_orientation, decode_image, oriented_size
+from backbone.training.data_health import BOXES_DROPPED, MISSING, REPAIRED, SKIPPED, Event, HealthReport
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,68 @@ def read_categories(ann_file: Path | str) -> tuple[list[int], list[str]]:
 
 
 def load_coco(ann_file: Path | str) -> Any:
-    """pycocotools COCO object, without its prints; a clear DataError if the file is broken."""
+    """pycocotools COCO object, without its prints; a clear DataError if the file is broken.
+
+    The JSON is checked first (:func:`check_coco_dict`), so a missing key names the image or
+    annotation id that lacks it instead of surfacing as a KeyError inside pycocotools.
+    """
     from pycocotools.coco import COCO
 
     ann_file = Path(ann_file)
+    fix = "re-download or regenerate the annotations"
     try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # bad json
+        raise DataError(ann_file, f"not a valid COCO instances annotation file ({type(e).__name__}: {e})", fix) from e
+    check_coco_dict(dataset, ann_file)
+    try:
+        coco = COCO()
+        coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
-    except (ValueError, KeyError, TypeError, AssertionError) as e:  # bad json / not a COCO instances file
-        raise DataError(ann_file, f"not a valid COCO instances annotation file ({type(e).__name__}: {e})",
-                        "re-download or regenerate the annotations") from e
+            coco.createIndex()
+        return coco
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise DataError(ann_file, f"not a valid COCO instances annotation file ({type(e).__name__}: {e})", fix) from e
+
+
+IMAGE_KEYS = ("id", "file_name", "width", "height")
+ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
+
+
+def check_coco_dict(dataset: Any, ann_file: Path | str) -> None:
+    """Refuse (DataError naming the image / annotation id and the key) what pycocotools or the targets
+    cannot use: no ``images`` list, an image without id / file_name / positive width and height, an
+    annotation without id / image_id / category_id / a 4-number bbox. One pass, no image read."""
+    fix = "fix the annotation file (every image needs id, file_name, width, height; every annotation id, " \
+          "image_id, category_id, bbox [x, y, w, h])"
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise DataError(ann_file, "not a COCO instances annotation file (no 'images' list)", fix)
+    anns = dataset.get("annotations", [])
+    if not isinstance(anns, list):
+        raise DataError(ann_file, "'annotations' is not a list", fix)
+    need = set(IMAGE_KEYS)
+    for i, img in enumerate(dataset["images"]):
+        if not isinstance(img, dict) or not need <= img.keys():
+            missing = sorted(need - set(img)) if isinstance(img, dict) else list(IMAGE_KEYS)
+            ident = img.get("id", f"#{i}") if isinstance(img, dict) else f"#{i}"
+            raise DataError(ann_file, f"image {ident} has no {', '.join(missing)}", fix)
+        w, h = img["width"], img["height"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not isinstance(h, (int, float)) or w <= 0 or h <= 0:
+            raise DataError(ann_file, f"image {img['id']} ({img['file_name']}) has width {w!r}, height {h!r}; "
+                            "both must be positive numbers", fix)
+    need = set(ANNOTATION_KEYS)
+    for i, a in enumerate(anns):
+        if not isinstance(a, dict) or not need <= a.keys():
+            missing = sorted(need - set(a)) if isinstance(a, dict) else list(ANNOTATION_KEYS)
+            ident = a.get("id", f"#{i}") if isinstance(a, dict) else f"#{i}"
+            image = f" (image {a['image_id']})" if isinstance(a, dict) and "image_id" in a else ""
+            raise DataError(ann_file, f"annotation {ident}{image} has no {', '.join(missing)}", fix)
+        b = a["bbox"]
+        if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
+            raise DataError(ann_file, f"annotation {a['id']} (image {a['image_id']}) has bbox {b!r}, expected "
+                            "[x, y, w, h] numbers", fix)
 
 
 class COCODetection:
@@ -107,6 +160,10 @@ class COCODetection:
         transforms: ``(image, target) -> (image, target)``; None returns the raw sample.
         label_category_ids: the category id of each label ``1..K`` (a model's classes); default: the
             file's categories sorted by id. Annotations of other categories are left out of the targets.
+        on_bad: an unreadable image: ``replace`` (training) returns the next readable sample instead;
+            ``blank`` (evaluation) returns a black image of the annotated size without boxes under the
+            SAME image id, so every image is predicted exactly once (its objects score as missed) and
+            no other image is scored twice.
 
     ``category_ids`` / ``class_names`` are the FILE's categories (what is scored);
     ``label_category_ids`` what the labels mean.
@@ -120,7 +177,10 @@ class COCODetection:
     """
 
     def __init__(self, root: str | Path, split: str = "train2017", transforms: Transforms | None = None,
-                 label_category_ids: Sequence[int] | None = None) -> None:
+                 label_category_ids: Sequence[int] | None = None, on_bad: str = "replace") -> None:
+        if on_bad not in ("replace", "blank"):
+            raise ValueError(f"on_bad must be 'replace' or 'blank', got {on_bad!r}")
+        self.on_bad = on_bad
         self.root = Path(root).expanduser()
         self.split = split
         self.transforms = transforms
@@ -143,13 +203,28 @@ class COCODetection:
         self.ids: list[int] = ids
         self.missing_ids: list[int] = missing
         self.skipped: int = 0  # images found unreadable while loading (per process)
+        #: setup-time findings (missing files, dropped boxes); load-time ones travel with the samples
+        self.health = HealthReport()
+        self.health.samples[split] = 0
+        for i in missing:
+            self.health.add(split, MISSING, "file not found", self._item(i))
+        self._logged: set[int] = set()  # image ids whose repair was logged (once per process)
         self._targets = self._build_targets()
 
     # ------------------------------------------------------------------------------- targets
     def _build_targets(self) -> dict[int, Target]:
         """All targets at once (one pass over the annotations), degenerate boxes dropped."""
         empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "crowd": np.zeros(0, bool)}
-        anns = [a for a in self.coco.dataset.get("annotations", []) if a.get("image_id") in self.coco.imgs]
+        all_anns = self.coco.dataset.get("annotations", [])
+        anns = [a for a in all_anns if a["image_id"] in self.coco.imgs]
+        orphans = [a for a in all_anns if a["image_id"] not in self.coco.imgs]
+        for a in orphans[:5]:
+            self.health.add(self.split, BOXES_DROPPED, "image_id not in 'images'",
+                            f"annotation {a['id']} (image {a['image_id']})", count=0)
+        if orphans:
+            self.health.add(self.split, BOXES_DROPPED, "image_id not in 'images'", count=len(orphans))
+            log.warning("%s: %d annotations refer to image ids not in 'images' and are ignored, e.g. annotation %s",
+                        self.ann_file.name, len(orphans), orphans[0]["id"])
         known = set(self.category_ids)
         unknown = [a for a in anns if a.get("category_id") not in known]
         if unknown:
@@ -170,11 +245,26 @@ class COCODetection:
                             dtype=np.float64)  # (N, 2) w, h
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             boxes = np.clip(boxes, 0.0, np.tile(size, 2))
-            keep = ((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)
+            keep = ((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)  # NaN: False
+            # why each dropped box was dropped (first matching reason)
+            finite = np.isfinite(xywh).all(1)
+            positive = finite & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+            inside = positive & (xywh[:, 0] < size[:, 0]) & (xywh[:, 1] < size[:, 1]) & \
+                (xywh[:, 0] + xywh[:, 2] > 0) & (xywh[:, 1] + xywh[:, 3] > 0)
+            reasons = {"non-finite (NaN or inf)": ~finite, "zero or negative size": finite & ~positive,
+                       "outside the image": positive & ~inside, "under 1 px after clipping": inside & ~keep}
+            ann_ids = [a.get("id") for a in anns]
+            for reason, mask in reasons.items():
+                where = np.flatnonzero(mask)
+                if where.size:
+                    self.health.add(self.split, BOXES_DROPPED, reason, count=int(where.size))
+                    for j in where[:5].tolist():
+                        self.health.add(self.split, BOXES_DROPPED, reason,
+                                        f"annotation {ann_ids[j]} (image {int(img_id[j])})", count=0)
             dropped = int((~keep).sum())
             if dropped:
-                log.info("%s: dropped %d of %d boxes narrower or shorter than 1 px after clipping to the image",
-                         self.ann_file.name, dropped, len(anns))
+                log.info("%s: dropped %d of %d boxes (%s)", self.ann_file.name, dropped, len(anns),
+                         ", ".join(f"{int(m.sum())} {r}" for r, m in reasons.items() if m.any()))
             self.num_degenerate = dropped
             img_id, boxes, labels, crowd = img_id[keep], boxes[keep].astype(np.float32), labels[keep], crowd[keep]
             order = np.argsort(img_id, kind="stable")
@@ -199,40 +289,72 @@ class COCODetection:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _item(self, img_id: int) -> str:
+        return f"{self.coco.imgs[img_id]['file_name']} (image id {img_id})"
+
     def read_image(self, index: int) -> np.ndarray | None:
         """(H, W, 3) uint8 RGB of sample ``index`` as stored; None (logged, counted) if unreadable."""
-        img_id = self.ids[index]
-        path = self.img_dir / self.coco.imgs[img_id]["file_name"]
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or not an image
-            self.skipped += 1
-            log.warning("skipping unreadable image %s (image id %d): %s [%d skipped so far in this process]",
-                        path, img_id, e, self.skipped)
+            return decode_image(self.img_dir / self.coco.imgs[self.ids[index]]["file_name"], exif=False).pixels
+        except UnreadableImage as e:
+            self._skip(self.ids[index], e)
             return None
 
+    def _skip(self, img_id: int, err: UnreadableImage) -> Event:
+        self.skipped += 1
+        log.warning("skipping unreadable image %s (image id %d): %s [%d skipped so far in this process]",
+                    err.path, img_id, err.problem, self.skipped)
+        return (SKIPPED, err.reason, self._item(img_id))
+
+    def load(self, index: int) -> tuple[np.ndarray, Target, list[Event]]:
+        """(image (H, W, 3) uint8 RGB in the frame of the annotations, raw target, repairs made).
+
+        Raises UnreadableImage. The image is decoded as stored (COCO boxes are in the stored-pixel
+        frame); the EXIF orientation is applied only when the annotated size is the rotated size and
+        not the stored one; any other size mismatch rescales the boxes to the pixels (orig_size stays
+        the annotated size, the frame predictions are reported and scored in).
+        """
+        img_id = self.ids[index]
+        decoded = decode_image(self.img_dir / self.coco.imgs[img_id]["file_name"], exif=False)
+        image, target = decoded.pixels, self.target(index)
+        repairs = list(decoded.conversions)
+        annotated = target["orig_size"]
+        if decoded.stored_size != annotated and oriented_size(decoded.stored_size, decoded.orientation) == annotated:
+            image = apply_orientation(image, decoded.orientation)
+            repairs.append("exif-rotated")
+        h, w = image.shape[:2]
+        if (h, w) != annotated:
+            sy, sx = h / annotated[0], w / annotated[1]
+            target["boxes"] = target["boxes"] * np.array([sx, sy, sx, sy], dtype=np.float32)
+            repairs.append("size-mismatch")
+        if repairs and img_id not in self._logged:
+            self._logged.add(img_id)
+            log.info("%s: repaired %s (file %dx%d, annotated %dx%d, WxH)", self._item(img_id), ", ".join(repairs),
+                     decoded.stored_size[1], decoded.stored_size[0], annotated[1], annotated[0])
+        return image, target, [(REPAIRED, r, self._item(img_id)) for r in repairs]
+
     def __getitem__(self, index: int) -> tuple[Any, Target]:
+        """(image, target); ``target["health"]``: this load's data-health events (skipped / repaired)."""
         n = len(self.ids)
         if n == 0:
             raise IndexError("empty dataset")
+        events: list[Event] = []
         for step in range(n):  # the next readable sample; gives up only if nothing can be read
             i = (index + step) % n
-            image = self.read_image(i)
-            if image is None:
-                continue
-            target = self.target(i)
-            h, w = image.shape[:2]
-            if (h, w) != target["orig_size"]:
-                # Boxes follow the pixels for augmentation; orig_size stays the annotated size, the
-                # frame in which predictions are reported and scored.
-                log.warning("%s (image id %d): file is %dx%d but annotated as %dx%d; boxes rescaled",
-                            self.coco.imgs[target["image_id"]]["file_name"], target["image_id"], w, h,
-                            target["orig_size"][1], target["orig_size"][0])
-                sy, sx = h / target["orig_size"][0], w / target["orig_size"][1]
-                target["boxes"] = target["boxes"] * np.array([sx, sy, sx, sy], dtype=np.float32)
+            try:
+                image, target, repairs = self.load(i)
+            except UnreadableImage as e:
+                events.append(self._skip(self.ids[i], e))
+                if self.on_bad == "blank":
+                    target = self.target(i)
+                    image = np.zeros((*target["orig_size"], 3), np.uint8)
+                    target.update(boxes=target["boxes"][:0], labels=target["labels"][:0], crowd=target["crowd"][:0])
+                    repairs = []
+                else:
+                    continue
             if self.transforms is not None:
-                return self.transforms(image, target)
+                image, target = self.transforms(image, target)
+            target["health"] = events + repairs
             return image, target
         raise DataError(self.img_dir, "no image of this split can be read", "check the image files")
 

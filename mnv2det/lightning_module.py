@@ -115,12 +115,13 @@ class SSDLiteModule(TaskModule):
                                "num_images": len(dataset.ids), "class_names": list(dataset.class_names)}
         self.evaluator.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         outputs = self.model(batch["images"])
         losses = self.model.compute_loss(outputs, batch["targets"])
         self.log("val/loss", losses["loss"], sync_dist=True, batch_size=batch["images"].shape[0])
         detections = self.model.postprocess(outputs, batch["orig_sizes"])
         self.evaluator.update(batch["image_ids"], detections)
+        return {"detections": detections}  # for callbacks (backbone.training.tb_images); Lightning keeps nothing
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

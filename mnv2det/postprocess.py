@@ -1,11 +1,13 @@
 """Detection post-processing: decode, score, per-class NMS, top-k, scale to original pixels.
 
-The whole batch goes through ONE NMS call: each candidate's group is (image, class), and groups
-are separated by offsetting boxes (torchvision's `batched_nms` "coordinate trick"). We do the
-offset ourselves in float64 instead of calling `torchvision.ops.batched_nms` because, above
-~5k candidates, batched_nms switches to a Python loop over the unique groups (thousands for a
-COCO batch), and a float32 offset of (image * K + class) * size loses the precision of the
-coordinates. In float64 the offsets are exact to ~1e-9 px for any realistic batch.
+The whole batch goes through ONE NMS pass, each candidate's group being (image, class), without a
+Python loop over groups (`torchvision.ops.batched_nms` loops over the unique groups above ~5k
+candidates: thousands for a COCO batch). On the CPU, :func:`grouped_nms` compares only the pairs
+inside each group (one torchvision call over the whole batch would compare every pair of it: 5x
+slower for a batch of 8 at 2034 anchors x 80 classes, tests/test_fast_paths.py checks the results are
+identical to per-group torchvision NMS). Otherwise the groups are separated by offsetting boxes
+(torchvision's "coordinate trick") in float64, exact to ~1e-9 px for any realistic batch, and go
+through one `torchvision.ops.nms` call.
 
 Order of operations (TF `batch_multiclass_non_max_suppression` with a clip window):
 decode (normalised xyxy) -> scale to the original image (w, h) -> drop candidates below
@@ -43,19 +45,82 @@ def convert_scores(cls_logits: torch.Tensor, score_converter: str) -> torch.Tens
                         "softmax (CE + hard negative mining) or sigmoid (TF ssdlite)")
 
 
+# within-group pairs above which grouped NMS falls back to one torchvision call (bounds its memory:
+# ~100 bytes a pair)
+MAX_NMS_PAIRS = 2_000_000
+
+
 def batched_nms_single_call(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
-                            iou_threshold: float) -> torch.Tensor:
-    """Group-wise NMS over all groups in one torchvision.ops.nms call.
+                            iou_threshold: float, max_pairs: int | None = None) -> torch.Tensor:
+    """Group-wise NMS of all groups at once, without a Python loop over groups or images.
 
     boxes: (N, 4) xyxy (any scale, non-negative extent), scores: (N,), groups: (N,) long.
     Returns indices kept, sorted by decreasing score.
+
+    On the CPU, when the within-group pairs number at most ``max_pairs`` (default :data:`MAX_NMS_PAIRS`), only
+    those pairs are compared (:func:`grouped_nms`): a COCO-style batch has thousands of small
+    (image, class) groups, and one torchvision call over all candidates would compare every pair of
+    the batch (N^2 / 2). Otherwise (e.g. hard mining over all anchors, one group per image) the groups
+    are separated by a float64 coordinate offset and go through one ``torchvision.ops.nms`` call.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    cap = MAX_NMS_PAIRS if max_pairs is None else max_pairs
+    if boxes.device.type == "cpu":  # CUDA's NMS kernel compares all pairs in parallel: keep it there
+        counts = torch.unique(groups, return_counts=True)[1]
+        if int((counts * (counts - 1)).sum()) // 2 <= cap:
+            return grouped_nms(boxes, scores, groups, iou_threshold)
     b = boxes.double()
     span = (b.max() - b.min()).clamp(min=0) + 1  # larger than any box extent -> groups never overlap
     b = b - b.min() + groups.to(torch.float64)[:, None] * span
     return torchvision.ops.nms(b, scores.double(), iou_threshold)
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                iou_threshold: float) -> torch.Tensor:
+    """Exact greedy NMS per group, comparing only the pairs inside each group.
+
+    boxes: (N, 4) xyxy, scores: (N,), groups: (N,) long. Returns the kept indices sorted by
+    decreasing score (the same set as ``torchvision.ops.nms`` run on each group alone: IoU computed
+    as torchvision does, in the boxes' dtype, suppression when IoU > iou_threshold).
+
+    Greedy NMS keeps a box iff no KEPT higher-scored box of its group overlaps it above the threshold.
+    Over the suppression edges (i -> j: same group, i scored higher, IoU > threshold) that is the
+    unique fixpoint of keep[j] = not any(keep[i] for i -> j); iterating it from all-kept settles the
+    boxes in order of their longest chain of edges, so the loop runs (longest chain + 1) times, each a
+    vectorised pass over the edges.
+    """
+    device = boxes.device
+    N = boxes.shape[0]
+    if N == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]  # group-major, by score within a group
+    g = groups[order]
+    b = boxes[order]
+    _, counts = torch.unique_consecutive(g, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    gid = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    later = counts[gid] - 1 - (torch.arange(N, device=device) - starts[gid])  # lower-scored boxes in the group
+    i = torch.repeat_interleave(torch.arange(N, device=device), later)
+    first = torch.cumsum(later, 0) - later
+    j = i + 1 + (torch.arange(i.numel(), device=device) - first[i])
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    bi, bj = b[i], b[j]
+    w = (torch.minimum(bi[:, 2], bj[:, 2]) - torch.maximum(bi[:, 0], bj[:, 0])).clamp(min=0)
+    h = (torch.minimum(bi[:, 3], bj[:, 3]) - torch.maximum(bi[:, 1], bj[:, 1])).clamp(min=0)
+    inter = w * h
+    edge = inter / (area[i] + area[j] - inter) > iou_threshold
+    i, j = i[edge], j[edge]
+    keep = torch.ones(N, dtype=torch.bool, device=device)
+    while i.numel():
+        suppressed = torch.zeros(N, dtype=torch.bool, device=device)
+        suppressed[j[keep[i]]] = True
+        if torch.equal(~suppressed, keep):
+            break
+        keep = ~suppressed
+    kept = order[keep]
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
 
 class PostProcessor:
@@ -124,7 +189,7 @@ class PostProcessor:
         cand_scores = top_scores[img_idx, pos]
         anchor_idx = cand // K
         cls_idx = cand % K  # 0-based class
-        cand_boxes = boxes[img_idx, anchor_idx]  # (N, 4)
+        cand_boxes = boxes.reshape(B * A, 4).index_select(0, img_idx * A + anchor_idx)  # (N, 4)
 
         kept = batched_nms_single_call(cand_boxes, cand_scores, img_idx * K + cls_idx, self.nms_iou)
         # clip the survivors (a no-op when clipped before NMS) and drop boxes left empty

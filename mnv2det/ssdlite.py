@@ -28,6 +28,7 @@ from torch import nn
 from backbone import build_backbone
 from backbone.errors import ArgumentError, DataError, argument_scope
 from backbone.layers import ConvBNAct
+from backbone.memory_format import resolve_memory_format
 from backbone.normalization import resolve_normalization
 from mnv2det.anchor_generator import DefaultBoxGenerator
 from mnv2det.box_coder import BoxCoder
@@ -86,6 +87,8 @@ class SSDLite(nn.Module):
         postprocess: kwargs of PostProcessor except score_converter / box_coder.
         head: {init: "tf" | "xavier", cls_bias_prior: float | null | "auto"} ("auto": 0.01 with focal loss).
         min_depth: floor for the scaled extra-layer depths (TF: 16).
+        memory_format: "channels_last" | "contiguous": layout of the weights and of the input inside
+            forward (backbone/memory_format.py).
     """
 
     def __init__(self, num_classes: int, backbone: Mapping[str, Any] | None = None,
@@ -94,8 +97,10 @@ class SSDLite(nn.Module):
                  score_converter: str = "softmax", image_size: int | Sequence[int] = 300,
                  normalize: Mapping[str, Any] | str | None = None, matcher: Mapping[str, Any] | None = None,
                  loss: Mapping[str, Any] | None = None, postprocess: Mapping[str, Any] | None = None,
-                 head: Mapping[str, Any] | None = None, min_depth: int = 16) -> None:
+                 head: Mapping[str, Any] | None = None, min_depth: int = 16,
+                 memory_format: str = "channels_last") -> None:
         super().__init__()
+        self.memory_format = resolve_memory_format(memory_format)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ArgumentError("num_classes", f"must be a positive integer, got {num_classes!r}",
                               "use the number of object classes without background (COCO: 80)")
@@ -159,6 +164,7 @@ class SSDLite(nn.Module):
         for m in self.extras.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.trunc_normal_(m.weight, std=0.03, a=-0.06, b=0.06)
+        self.to(memory_format=self.memory_format)  # load_state_dict copies into these, keeping the layout
 
     # ------------------------------------------------------------------ forward
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -179,7 +185,7 @@ class SSDLite(nn.Module):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"SSDLite expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
-        maps = self.extract_features(images)
+        maps = self.extract_features(images.contiguous(memory_format=self.memory_format))
         cls_logits, bbox_regression = self.head(maps)
         sizes = [tuple(m.shape[-2:]) for m in maps]
         anchors = self.anchor_generator(sizes, images.device, image_hw=tuple(images.shape[-2:]))

@@ -1,36 +1,26 @@
-"""Pictures of detections: predicted boxes (coloured per class, with name and score) over the
-original image, ground truth as thin white boxes.
+"""Pictures of detections: predicted boxes (coloured per class, with a filled name + score tag) over
+the original image, ground truth as thin white boxes; drawn by :mod:`backbone.draw`.
 
 ``python tools/evaluate.py task=det ckpt_path=CKPT save_predictions=true`` writes one JPEG per val
 image into ``RUN_DIR/predictions/`` named like the input, at the image's own size.
 """
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
 
-GT_COLOUR = (255, 255, 255)
+from backbone.draw import GT_COLOUR, class_colours, draw_boxes
 
-
-def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct saturated colours, one per contiguous label 1..K (index 0 unused)."""
-    out = [(0, 0, 0)]
-    for k in range(num_classes):
-        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.9, 1.0)  # golden-ratio hue steps
-        out.append((int(r * 255), int(g * 255), int(b * 255)))
-    return out
+__all__ = ["GT_COLOUR", "class_colours", "draw_detections", "save_detection_images"]
 
 
 def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                     class_names: Sequence[str], gt_boxes: np.ndarray | None = None,
                     score_threshold: float = 0.3) -> np.ndarray:
-    """Draw on a copy of ``image``.
+    """Draw on a copy of ``image`` (:func:`backbone.draw.draw_boxes`: filled label tags, sizes follow the image).
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -41,22 +31,8 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sc
     Returns:
         (H, W, 3) uint8.
     """
-    canvas = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
-    h, w = image.shape[:2]
-    width = max(1, round(max(h, w) / 250))
-    if gt_boxes is not None and len(gt_boxes):
-        canvas = draw_bounding_boxes(canvas, torch.as_tensor(gt_boxes, dtype=torch.float32),
-                                     colors=[GT_COLOUR] * len(gt_boxes), width=1)
-    keep = np.asarray(scores) >= score_threshold
-    if keep.any():
-        b, lab, sc = np.asarray(boxes)[keep], np.asarray(labels)[keep], np.asarray(scores)[keep]
-        order = np.argsort(sc)  # highest score drawn last, on top
-        b, lab, sc = b[order], lab[order], sc[order]
-        colours = class_colours(len(class_names))
-        text = [f"{class_names[int(k) - 1]} {s:.2f}" for k, s in zip(lab, sc)]
-        canvas = draw_bounding_boxes(canvas, torch.as_tensor(b, dtype=torch.float32), labels=text,
-                                     colors=[colours[int(k)] for k in lab], width=width)
-    return canvas.permute(1, 2, 0).numpy()
+    return draw_boxes(image, boxes, labels, scores, class_names, class_colours(len(class_names)),
+                      score_threshold=score_threshold, gt_boxes=gt_boxes)
 
 
 def save_detection_images(dataset: Any, results: list[dict[str, Any]], out_dir: str | Path,

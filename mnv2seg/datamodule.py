@@ -11,8 +11,9 @@ from typing import Any, Sequence
 import albumentations as A
 import numpy as np
 
-from backbone.errors import ConfigError
+from backbone.errors import ConfigError, DataError
 from backbone.normalization import NormalizeSpec
+from backbone.training.data_health import check_max_bad_fraction, check_setup_fraction
 from backbone.training.dataloader import main_process_seed, make_loader, reseed_transform
 from backbone.training.datamodule import TaskDataModule, check_num_classes
 from backbone.training.voc_format import IGNORE_INDEX, VOC_CLASS_NAMES, class_names_for, voc_palette
@@ -42,6 +43,9 @@ class SegDataModule(TaskDataModule):
             the synthetic generator's names for the synthetic set, else class_i).
         check_masks: scan every mask at setup (default: bad masks are found lazily when loaded;
             either way they are reported with their file name and skipped).
+        max_bad_fraction: the largest fraction of a split's samples that may be unusable (missing at
+            setup: refused at start-up; skipped at load: the run stops, see
+            :class:`backbone.training.data_health.DataHealth`); None: no limit (conf/data/voc.yaml: 0.01).
 
     ``meta`` adds ``palette`` (the VOC colour map) and ``ignore_index`` (255).
     """
@@ -54,7 +58,7 @@ class SegDataModule(TaskDataModule):
                  num_workers: int = 4, augment: dict[str, Any] | None = None, normalize: NormalizeSpec = "imagenet",
                  synthetic: dict[str, Any] | None = None, class_names: Sequence[str] | None = None,
                  check_masks: bool = False, pin_memory: bool = True,
-                 eval_size: int | Sequence[int] | None = 513) -> None:
+                 eval_size: int | Sequence[int] | None = 513, max_bad_fraction: float | None = None) -> None:
         super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, normalize=normalize, synthetic=synthetic)
         self.train_split, self.val_split = train_split, val_split
@@ -71,6 +75,7 @@ class SegDataModule(TaskDataModule):
         self.resolve_classes()  # from the config alone: `auto` -> K now
         self.check_masks = bool(check_masks)
         self.eval_size = _check_eval_size(eval_size)
+        self.max_bad_fraction = None if max_bad_fraction is None else check_max_bad_fraction(max_bad_fraction)
         self._train_transform()  # fail on bad crop / augment settings now, not in a worker
 
     def _train_transform(self) -> A.Compose:
@@ -104,10 +109,17 @@ class SegDataModule(TaskDataModule):
         return make_loader(dataset, batch_size, train, self.num_workers, fn, self.pin_memory)
 
     def check_datasets(self) -> None:
-        if self.check_masks:
-            for ds in (self.train_dataset, self.val_dataset):
-                if ds is not None and ds.num_bad == 0:
-                    ds.check_all()
+        for ds in (self.train_dataset, self.val_dataset):
+            if ds is None:
+                continue
+            check_setup_fraction(ds.health, ds.split, len(ds) + len(ds.missing_ids), self.max_bad_fraction, ds.root)
+            if self.check_masks and ds.num_bad == 0:
+                bad = ds.check_all()
+                if self.max_bad_fraction is not None and len(bad) > self.max_bad_fraction * len(ds):
+                    first = ", ".join(list(bad)[:3])
+                    raise DataError(ds.root, f"{len(bad)} of {len(ds)} samples of '{ds.split}' are bad "
+                                    f"(> data.max_bad_fraction={self.max_bad_fraction:g}), e.g. {first}",
+                                    "fix or remove them, or raise data.max_bad_fraction")
 
     def task_meta(self) -> dict[str, Any]:
         return {"class_names": self.read_classes()[0], "num_classes": self.num_classes,

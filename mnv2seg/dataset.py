@@ -20,9 +20,23 @@ with its file name in a `BadSampleWarning`, counted in `num_bad` and never train
 on_bad="replace" (training) returns the next good sample instead, on_bad="ignore" (validation)
 returns the image with an all-255 mask, so it adds nothing to the loss or the confusion matrix
 and no other sample is counted twice. on_bad="raise" raises DataError.
+
+Mask values >= num_classes other than 255 make the sample bad (skipped), not mapped to 255: such a
+value is not a class we know, so the whole mask is suspect (most often data.num_classes is wrong or
+the mask is a colour export); a systematic cause then exceeds ``data.max_bad_fraction`` and stops the
+run with a message, where mapping to ignore would silently train on a fraction of the labels.
+
+Images are read with :func:`backbone.image_io.decode_image` (grayscale, RGBA, CMYK, 16-bit repaired
+and reported). VOC masks are in the frame of the stored pixels: the EXIF orientation is applied only
+when the mask has the rotated size and not the stored one. Ids of the split list whose image or mask
+file is missing are dropped at construction (one warning naming them; all missing: DataError).
+Every sample carries ``health``: its data-health events (skipped / repaired), see
+:mod:`backbone.training.data_health`.
 """
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +46,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from backbone.errors import DataError
+from backbone.image_io import UnreadableImage, apply_orientation, decode_image, oriented_size
+from backbone.training.data_health import MISSING, REPAIRED, SKIPPED, Event, HealthReport
 from backbone.training.voc_format import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "trainval", "trainaug")
 ON_BAD = ("replace", "ignore", "raise")
@@ -41,6 +59,17 @@ ON_BAD = ("replace", "ignore", "raise")
 
 class BadSampleWarning(UserWarning):
     """A sample was skipped because its mask is malformed (the message names the file)."""
+
+
+class BadSample(DataError):
+    """A sample that cannot be used; ``reason`` is a short tag for the data-health summary."""
+
+    def __init__(self, path: object, reason: str, problem: str, fix: str = "") -> None:
+        self.reason = reason
+        super().__init__(path, problem, fix)
+
+    def __reduce__(self):
+        return (BadSample, (self.path, self.reason, self.problem, self.fix))
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -81,7 +110,8 @@ def read_ids(path: Path, what: str, fix: str) -> list[str]:
 
 
 class VOCSegmentation(Dataset):
-    """VOC 2012 segmentation split; items are dicts {image: (H, W, 3) uint8, mask: (H, W) uint8, name: str}
+    """VOC 2012 segmentation split; items are dicts {image: (H, W, 3) uint8, mask: (H, W) uint8, name: str,
+    health: list of data-health events (kind, reason, name)}
     passed through `transform(image=..., mask=...)` (albumentations-style) when one is given.
 
     Args:
@@ -117,6 +147,7 @@ class VOCSegmentation(Dataset):
         sets = self.root / "ImageSets" / "Segmentation"
         fix_split = "download VOC2012 trainval (it ships ImageSets/Segmentation/{train,val,trainval}.txt) or fix data.root"
         self.sbd_ids: set[str] = set()
+        self.missing_ids: list[str] = []
         if split == "trainaug":
             if self.sbd_root is None:
                 raise DataError(self.root, "split 'trainaug' needs SBD", "set data.sbd_root to SBD's benchmark_RELEASE "
@@ -130,8 +161,44 @@ class VOCSegmentation(Dataset):
             self.ids = sorted(set(voc_train) | (self.sbd_ids - voc_val))
         else:
             self.ids = read_ids(sets / f"{split}.txt", f"split file for '{split}'", fix_split)
+        self.health = HealthReport()  # setup-time findings; load-time ones travel with the samples
+        self.health.samples[split] = 0
+        self._drop_missing()
         self.num_bad = 0
-        self._bad: dict[int, str] = {}  # index -> reason (per process: each loader worker keeps its own)
+        self._bad: dict[int, tuple[str, str]] = {}  # index -> (reason, problem), per process (each worker its own)
+        self._logged: set[str] = set()  # names whose repair was logged (once per process)
+
+    def _drop_missing(self) -> None:
+        """Drop ids whose image or mask file does not exist (a listdir per folder, no stat per id)."""
+        def names(folder: Path, suffix: str) -> set[str]:
+            try:
+                return {f[: -len(suffix)] for f in os.listdir(folder) if f.endswith(suffix)}
+            except OSError:
+                return set()
+
+        images = names(self.root / "JPEGImages", ".jpg")
+        masks = names(self.root / "SegmentationClass", ".png")
+        if self.sbd_root is not None:
+            images |= names(self.sbd_root / "dataset" / "img", ".jpg")
+            masks |= names(self.sbd_root / "dataset" / "cls", ".mat") & self.sbd_ids
+        listed, kept, missing = len(self.ids), [], []
+        for name in self.ids:
+            if name in images and name in masks:
+                kept.append(name)
+            else:
+                what = "image" if name not in images else "mask"
+                missing.append(name)
+                self.health.add(self.split, MISSING, f"{what} file not found", name)
+        if not missing:
+            return
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        if not kept:
+            raise DataError(self.root, f"all {listed} ids of split '{self.split}' have a missing image or mask "
+                            f"file, e.g. {shown}", "check data.root (the VOC2012 folder) and data.sbd_root")
+        log.warning("%s: %d of %d ids of split '%s' have no image or mask file and are skipped: %s", self.root,
+                    len(missing), listed, self.split, shown)
+        self.ids = kept
+        self.missing_ids = missing
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -154,29 +221,43 @@ class VOCSegmentation(Dataset):
 
     # ------------------------------------------------------------------ loading
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """(image (H, W, 3) uint8 RGB, mask (H, W) uint8 indices, name); raises DataError for a bad sample."""
+        """(image (H, W, 3) uint8 RGB, mask (H, W) uint8 indices, name); raises BadSample (a DataError)."""
+        image, mask, name, _ = self._load(index)
+        return image, mask, name
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+        """load() and the repairs made (tags)."""
         name = self.ids[index]
         ipath, mpath = self.image_path(name), self.mask_path(name)
         try:
-            with Image.open(ipath) as im:
-                image = np.array(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise DataError(ipath, f"unreadable image ({e})", "re-extract the dataset") from None
+            decoded = decode_image(ipath, exif=False)
+        except UnreadableImage as e:
+            raise BadSample(ipath, e.reason, e.problem, "re-extract the dataset") from None
         try:
             mask = read_sbd_mat(mpath) if mpath.suffix == ".mat" else read_index_png(mpath)
         except (OSError, ValueError) as e:
-            raise DataError(mpath, f"unreadable mask ({e})", "re-extract the dataset or drop the id from the split") from None
+            raise BadSample(mpath, "unreadable mask", f"unreadable mask ({e})",
+                            "re-extract the dataset or drop the id from the split") from None
+        image, repairs = decoded.pixels, list(decoded.conversions)
+        if mask.shape != decoded.stored_size and mask.shape == oriented_size(decoded.stored_size, decoded.orientation):
+            image = apply_orientation(image, decoded.orientation)  # annotated on the displayed (rotated) image
+            repairs.append("exif-rotated")
         self._validate(mpath, image.shape[:2], mask)
-        return image, mask, name
+        if repairs and name not in self._logged:
+            self._logged.add(name)
+            log.info("%s: repaired %s", ipath, ", ".join(repairs))
+        return image, mask, name, repairs
 
     def _validate(self, mpath: Path, image_hw: tuple[int, int], mask: np.ndarray) -> None:
         if mask.shape != tuple(image_hw):
-            raise DataError(mpath, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+            raise BadSample(mpath, "mask size differs from image",
+                            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                             f"{image_hw[1]}x{image_hw[0]} (WxH)", "fix or remove this sample")
         values = np.unique(mask)
         bad = values[(values >= self.num_classes) & (values != IGNORE_INDEX)]
         if bad.size:
-            raise DataError(mpath, f"mask values {bad[:8].tolist()} are >= num_classes={self.num_classes} "
+            raise BadSample(mpath, "mask values >= num_classes",
+                            f"mask values {bad[:8].tolist()} are >= num_classes={self.num_classes} "
                             f"and not {IGNORE_INDEX} (ignore)",
                             "set data.num_classes to the dataset's class count, or fix the mask")
 
@@ -194,51 +275,60 @@ class VOCSegmentation(Dataset):
 
         bad = {}
         for i in tqdm(range(len(self)), desc=f"checking {self.split} masks", disable=not progress):
-            problem = self.check(i)
-            if problem:
-                bad[self.ids[i]] = problem
-                self._mark_bad(i, problem)
+            try:
+                self.load(i)
+            except BadSample as e:
+                bad[self.ids[i]] = str(e)
+                self._mark_bad(i, e)
         return bad
 
-    def _mark_bad(self, index: int, problem: str) -> None:
+    def _mark_bad(self, index: int, err: BadSample) -> None:
         if index not in self._bad:
-            self._bad[index] = problem
+            self._bad[index] = (err.reason, str(err))
             self.num_bad += 1
             action = {"replace": "skipped (another sample used instead)",
                       "ignore": "skipped (mask set to ignore, not scored)"}.get(self.on_bad, "")
-            warnings.warn(f"bad sample {self.num_bad} in '{self.split}': {problem} -- {action}", BadSampleWarning,
+            warnings.warn(f"bad sample {self.num_bad} in '{self.split}': {err} -- {action}", BadSampleWarning,
                           stacklevel=3)
 
-    def _sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+    def _skip_event(self, index: int) -> Event:
+        return (SKIPPED, self._bad[index][0], self.ids[index])
+
+    def _sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str, list[Event]]:
+        """(image, mask, name, health events) of ``index`` or, when it is bad, per ``on_bad``."""
         if index not in self._bad:
             try:
-                return self.load(index)
-            except DataError as e:
+                image, mask, name, repairs = self._load(index)
+                return image, mask, name, [(REPAIRED, r, name) for r in repairs]
+            except BadSample as e:
                 if self.on_bad == "raise":
                     raise
-                self._mark_bad(index, str(e))
-        if self.on_bad == "ignore":
+                self._mark_bad(index, e)
+        events = [self._skip_event(index)]
+        if self.on_bad == "ignore":  # kept in place (every val image scored once), its mask ignored
             name = self.ids[index]
             try:
-                with Image.open(self.image_path(name)) as im:
-                    image = np.array(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise DataError(self.image_path(name), f"unreadable image ({e})", "re-extract the dataset") from None
-            return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8), name
+                image = decode_image(self.image_path(name), exif=False).pixels
+            except UnreadableImage:
+                image = np.zeros((8, 8, 3), np.uint8)  # nothing to show: a blank, all-ignored placeholder
+            return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8), name, events
         # replace: the next good sample (deterministic, so a seeded run stays reproducible)
         for step in range(1, len(self)):
             j = (index + step) % len(self)
             if j in self._bad:
+                events.append(self._skip_event(j))
                 continue
             try:
-                return self.load(j)
-            except DataError as e:
-                self._mark_bad(j, str(e))
+                image, mask, name, repairs = self._load(j)
+                return image, mask, name, events + [(REPAIRED, r, name) for r in repairs]
+            except BadSample as e:
+                self._mark_bad(j, e)
+                events.append(self._skip_event(j))
         raise DataError(self.root, f"every sample of split '{self.split}' is bad", "check data.root and data.num_classes")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, mask, name = self._sample(index)
+        image, mask, name, events = self._sample(index)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return {"image": image, "mask": mask, "name": name}
+        return {"image": image, "mask": mask, "name": name, "health": events}

@@ -13,6 +13,7 @@ from torch import nn
 
 from backbone import build_backbone
 from backbone.errors import ArgumentError, argument_scope
+from backbone.memory_format import resolve_memory_format
 from mnv2seg.head import HEADS, DeepLabHead
 
 FEATURES = ("layer_18", "layer_19")
@@ -39,12 +40,15 @@ class DeepLabV3(nn.Module):
             161), hence TF's 16k+1 crop sizes. The head's only other resize, the image-pooling
             branch's, is from 1x1 and the same either way; MF inference reads this attribute for its
             own resizes (:mod:`mnv2seg.inference`).
+        memory_format: "channels_last" | "contiguous": layout of the weights and of the input inside
+            forward (backbone/memory_format.py); the logits come back in the default layout.
     """
 
     def __init__(self, num_classes: int, backbone: dict[str, Any] | None = None, head: str = "lite",
                  feature: str = "layer_18", atrous_rates: Sequence[int] = (6, 12, 18), head_channels: int = 256,
-                 dropout: float = 0.0, align_corners: bool = False) -> None:
+                 dropout: float = 0.0, align_corners: bool = False, memory_format: str = "channels_last") -> None:
         super().__init__()
+        self.memory_format = resolve_memory_format(memory_format)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ArgumentError("num_classes", f"must be an integer >= 2 (background + classes), got {num_classes!r}",
                               "21 for PASCAL VOC")
@@ -72,9 +76,11 @@ class DeepLabV3(nn.Module):
         bn_kw = {k: bb_cfg[k] for k in ("bn_eps", "bn_momentum") if k in bb_cfg}
         self.head = DeepLabHead(self.backbone.out_channels[feature], num_classes, head, self.atrous_rates,
                                 head_channels, float(dropout), **bn_kw)
+        self.to(memory_format=self.memory_format)  # load_state_dict copies into these, keeping the layout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) normalised -> logits (B, K, H, W) (bilinear upsampling of the head output)."""
-        feat = self.backbone(images)[self.feature]
+        feat = self.backbone(images.contiguous(memory_format=self.memory_format))[self.feature]
         logits = self.head(feat)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        return logits.contiguous()  # argmax / loss / MF averaging over classes read NCHW fastest

@@ -40,6 +40,7 @@ class DeepLabModule(TaskModule):
             `save_evaluation(out_dir)` to out_dir/predictions/<name>.png (VOC palette PNGs, each at
             its image's own size). Setting the attribute `predictions_dir` instead writes them there
             during validation.
+        memory_format: channels_last | contiguous, the network's layout (backbone/memory_format.py).
     """
 
     num_classes_meaning = "classes (background included)"
@@ -49,7 +50,8 @@ class DeepLabModule(TaskModule):
                  dropout: float = 0.1, align_corners: bool = False,
                  optimizer: Callable[..., Any] | None = None, scheduler: Callable[..., Any] | None = None,
                  inference: str = "single", mf_scales: Sequence[float] = DEFAULT_MF_SCALES, mf_flip: bool = True,
-                 normalize: str = "imagenet", save_predictions: bool = False) -> None:
+                 normalize: str = "imagenet", save_predictions: bool = False,
+                 memory_format: str = "channels_last") -> None:
         super().__init__(optimizer, scheduler)
         if inference not in INFERENCE_MODES:
             raise ArgumentError("inference", f"must be one of {list(INFERENCE_MODES)}, got {inference!r}",
@@ -57,7 +59,8 @@ class DeepLabModule(TaskModule):
         if not mf_scales or any(float(s) <= 0 for s in mf_scales):
             raise ArgumentError("mf_scales", f"must be positive numbers, got {mf_scales!r}",
                               "e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
-        self.model = DeepLabV3(num_classes, backbone, head, feature, atrous_rates, head_channels, dropout, align_corners)
+        self.model = DeepLabV3(num_classes, backbone, head, feature, atrous_rates, head_channels, dropout, align_corners,
+                               memory_format)
         self.num_classes = num_classes
         self.inference = inference
         self.mf_scales = tuple(float(s) for s in mf_scales)
@@ -96,7 +99,13 @@ class DeepLabModule(TaskModule):
         """(B, 3, H, W) -> softmax probabilities (B, K, H, W) with the configured inference mode."""
         return predict(self.model, images, self.inference, self.mf_scales, self.mf_flip, self.model.align_corners)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> (B, H, W) class indices, as validation computes them (tools/predict.py)."""
+        if self.inference == "single":
+            return self.model(images).argmax(1)
+        return self.predict_probs(images).argmax(1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         images, masks = batch["images"], batch["masks"]
         if self.inference == "single":
             logits = self.model(images)
@@ -105,11 +114,12 @@ class DeepLabModule(TaskModule):
             self._loss_count += (masks != IGNORE_INDEX).sum()
             preds = logits.argmax(1)
         else:
-            preds = self.predict_probs(images).argmax(1)
+            preds = self.predict_labels(images)
         # padded pixels carry mask 255, so they are not scored
         self.confmat.update(preds, masks)
         if self.save_predictions or self.predictions_dir is not None:
             self._keep_predictions(preds, batch["sizes"], batch["names"])
+        return {"preds": preds}  # for callbacks (backbone.training.tb_images); Lightning keeps nothing
 
     def on_validation_epoch_end(self) -> None:
         self.confmat.reduce()

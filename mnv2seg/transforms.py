@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from backbone.errors import ConfigError
+from backbone.errors import ArgumentError, ConfigError
 from backbone.normalization import NormalizeSpec, resolve_normalization
 from backbone.training.voc_format import IGNORE_INDEX
 
@@ -40,15 +40,36 @@ SIZE_STEP = 16
 _warned_oversize: set[str] = set()
 
 
+def check_crop_size(crop_size: Any, output_stride: int | None = None) -> tuple[int, int]:
+    """The training crop ``N`` or ``[h, w]`` as (h, w), else ArgumentError naming ``crop_size``.
+
+    Each side must be >= 8 and, given the model's ``output_stride``, larger than it: a crop of at most
+    one stride gives a 1x1 feature map, so the whole crop is predicted from one feature (and the image
+    pooling branch sees nothing else). ``output_stride * k + 1`` sizes (513, 161, 65) are the ones where
+    align_corners=True upsampling puts each logit back on the pixel it was computed at.
+    """
+    values = list(crop_size) if isinstance(crop_size, (list, tuple)) else [crop_size]
+    if len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+        raise ArgumentError("crop_size", f"must be an integer or [h, w], got {crop_size!r}", "e.g. 513 (VOC) or 161")
+    ch, cw = int(values[0]), int(values[-1])
+    low = 8 if output_stride is None else max(8, int(output_stride) + 1)
+    if min(ch, cw) < low:
+        why = "" if output_stride is None else f" (over the output stride {output_stride}: a feature map of 2x2 or more)"
+        fix = f"e.g. {2 * (output_stride or SIZE_STEP) + 1}, or 513 (VOC) / 161 (CPU runs)"
+        raise ArgumentError("crop_size", f"must be >= {low}{why}, got {crop_size}", fix)
+    return ch, cw
+
+
 def train_transform(crop_size: int | Sequence[int] = 513, scale_min: float = 0.5, scale_max: float = 2.0,
                     hflip: bool = True, normalize: NormalizeSpec = "imagenet") -> A.Compose:
     """Random scale -> pad (mean / 255) -> random crop -> flip -> normalise -> tensor.
 
     Output: image (3, ch, cw) float32, mask (ch, cw) uint8.
     """
-    ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else (int(crop_size[0]), int(crop_size[1]))
-    if ch < 8 or cw < 8:
-        raise ConfigError("data.crop_size", f"must be >= 8, got {crop_size}", "e.g. 513 (VOC) or 257 (CPU runs)")
+    try:
+        ch, cw = check_crop_size(crop_size)
+    except ArgumentError as err:
+        raise err.to_config_error("data") from None
     if not 0 < scale_min <= scale_max:
         raise ConfigError("data.augment.scale_min", f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}",
                           "e.g. scale_min=0.5 scale_max=2.0")
@@ -101,7 +122,8 @@ def collate(samples: list[dict[str, Any]], eval_size: int | Sequence[int] | None
     its batch to the smallest ``16k + 1`` that fits and is reported once (a warning naming it).
 
     Returns {images: (B, 3, H, W) float (0-padded), masks: (B, H, W) int64 (255-padded),
-    sizes: (B, 2) int64 each image's own (h, w), names: list[str]}.
+    sizes: (B, 2) int64 each image's own (h, w), names: list[str], health: {samples: B, events: [...]}
+    (the samples' data-health records, see :mod:`backbone.training.data_health`)}.
     """
     images = [s["image"] for s in samples]
     masks = [torch.as_tensor(np.asarray(s["mask"])) if not torch.is_tensor(s["mask"]) else s["mask"] for s in samples]
@@ -122,7 +144,8 @@ def collate(samples: list[dict[str, Any]], eval_size: int | Sequence[int] | None
         for i, (im, m) in enumerate(zip(images, masks)):
             batch_images[i, :, : im.shape[-2], : im.shape[-1]] = im
             batch_masks[i, : m.shape[-2], : m.shape[-1]] = m
-    return {"images": batch_images, "masks": batch_masks, "sizes": sizes, "names": names}
+    health = {"samples": len(samples), "events": [e for s in samples for e in s.get("health", ())]}
+    return {"images": batch_images, "masks": batch_masks, "sizes": sizes, "names": names, "health": health}
 
 
 def _warn_oversize(names: list[str], sizes: torch.Tensor, fixed: tuple[int, int]) -> None:

@@ -42,6 +42,27 @@ def tf_ssdlite_graph() -> Path:
     return require_asset("pedestrian_ssdlite")
 
 
+#: the export extra's runtimes: their parity tests skip without them, except in CI (MNV2_REQUIRE_ASSETS=1),
+#: where a missing one must fail instead of turning the parity tests into skips
+EXPORT_RUNTIMES = ("onnxruntime", "onnxscript", "ai_edge_litert", "litert_torch", "executorch.runtime", "executorch.exir")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("MNV2_REQUIRE_ASSETS", "") != "1":
+        return
+    import importlib
+
+    missing = []
+    for name in EXPORT_RUNTIMES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure means the runtime cannot run
+            missing.append(f"{name} ({type(e).__name__}: {e})")
+    if missing:
+        raise pytest.UsageError("MNV2_REQUIRE_ASSETS=1 but the export runtimes are missing: " + "; ".join(missing)
+                                + ". Install them with pip install -e '.[dev,export]'")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +77,122 @@ def run_tool() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     return run
+
+
+# ------------------------------------------------------------------ trained and exported models
+# Shared by tests/test_export_onnx.py, tests/test_int8.py and tests/test_predict.py: each is built once
+# per session (an ONNX export costs 10-30 s, the seg training ~20 s on the shared 2-core CPU).
+SEG_SYNTHETIC = {"num_train": 8, "num_val": 4, "size": 64, "seed": 0, "progress": False}
+SEG_EVAL_SIZE = 97  # the smallest 16k+1 holding the generator's largest side, round(64 * 4 / 3)
+SEG_TRAIN_STEPS = 40
+
+
+def _onnx_export_deps() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="session")
+def tf_ssdlite_export(tf_ssdlite_graph, tmp_path_factory) -> dict:
+    """The TF-trained SSDLite imported (as tools/import_tf.py saves it) and exported to ONNX with NMS inside.
+
+    {"ckpt": checkpoint dict, "ckpt_path": that dict saved as .ckpt, "wrapper", "example", "metadata":
+    what :func:`backbone.export.prepare` returned (nms=True), "onnx": the fp32 .onnx path}.
+    """
+    _onnx_export_deps()
+    import torch
+
+    from backbone.export import prepare
+    from backbone.export.onnx import export
+    from mnv2det import tf_import
+
+    tmp = tmp_path_factory.mktemp("tf_ssdlite_export")
+    imported = tf_import.import_graph(tf_ssdlite_graph, class_names=["pedestrian"])
+    ckpt = tf_import.checkpoint_dict(imported, tf_ssdlite_graph)
+    torch.save(ckpt, tmp / "ped.ckpt")
+    wrapper, example, meta = prepare(ckpt, nms=True)
+    onnx_path = export(wrapper, example, meta, tmp / "ped.onnx")
+    return {"ckpt": ckpt, "ckpt_path": tmp / "ped.ckpt", "wrapper": wrapper, "example": example, "metadata": meta,
+            "onnx": onnx_path}
+
+
+def _seg_images(root: Path, split: str) -> tuple[list[str], list]:
+    from backbone.image_io import decode_image
+
+    names = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    return names, [decode_image(root / "JPEGImages" / f"{n}.jpg").pixels for n in names]
+
+
+@pytest.fixture(scope="session")
+def trained_seg(tmp_path_factory) -> dict:
+    """A Mobile DeepLabv3 (width 0.35, OS 16, align_corners=True) trained on the tiny synthetic VOC set, so
+    that it predicts several classes: a random-weight one predicts one class everywhere, and mask parity
+    checks on it cannot fail.
+
+    {"ckpt": checkpoint dict (config, meta and state_dict as tools/train.py saves them), "ckpt_path": it
+    saved as .ckpt, "voc": the VOC2012 root, "val_names", "val_images", "train_images": (H, W, 3) uint8 RGB
+    (all at most SEG_EVAL_SIZE a side), "eval_size": SEG_EVAL_SIZE}.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from backbone.training.checkpoint import run_info
+    from backbone.training.synthetic import CLASS_NAMES, ensure_synthetic
+    from mnv2seg.datamodule import SegDataModule
+    from mnv2seg.lightning_module import DeepLabModule
+
+    tmp = tmp_path_factory.mktemp("trained_seg")
+    voc = ensure_synthetic(tmp / "syn", **SEG_SYNTHETIC) / "VOCdevkit" / "VOC2012"
+    data = SegDataModule(str(voc), num_classes=7, crop_size=64, batch_size=4, val_batch_size=4, num_workers=0,
+                         eval_size=SEG_EVAL_SIZE)
+    torch.manual_seed(0)  # the augmentation stream (num_workers=0) and the weights follow the global seed
+    data.setup("fit")
+    cfg = {"_target_": "mnv2seg.lightning_module.DeepLabModule", "num_classes": 7, "dropout": 0.0,
+           "backbone": {"width_mult": 0.35, "pretrained": "none", "output_stride": 16}, "align_corners": True}
+    module = DeepLabModule(**{k: v for k, v in cfg.items() if k != "_target_"})
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    module.train()
+    step = 0
+    while step < SEG_TRAIN_STEPS:
+        for batch in data.train_dataloader():
+            loss = F.cross_entropy(module.model(batch["images"]), batch["masks"], ignore_index=255)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == SEG_TRAIN_STEPS:
+                break
+    # 40 steps leave the BN running statistics (momentum 0.1) far from the data's: in eval mode the model
+    # would still predict one class. Re-estimate them (cumulative average) on the training crops.
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for _ in range(2):
+            for batch in data.train_dataloader():
+                module.model(batch["images"])
+    module.eval()
+    meta = {"class_names": ["background", *CLASS_NAMES], "num_classes": 7}
+    ckpt = {"state_dict": module.state_dict(),
+            "mnv2": run_info("seg", {"model": cfg, "data": {"eval_size": SEG_EVAL_SIZE}}, meta)}
+    torch.save(ckpt, tmp / "seg.ckpt")
+    val_names, val_images = _seg_images(voc, "val")
+    _, train_images = _seg_images(voc, "train")
+    return {"ckpt": ckpt, "ckpt_path": tmp / "seg.ckpt", "voc": voc, "val_names": val_names,
+            "val_images": val_images, "train_images": train_images, "eval_size": SEG_EVAL_SIZE}
+
+
+@pytest.fixture(scope="session")
+def trained_seg_onnx(trained_seg, tmp_path_factory) -> dict[str, Path]:
+    """:func:`trained_seg` exported to ONNX: {"logits": logits at output stride, "mask": argmax inside}."""
+    _onnx_export_deps()
+    from backbone.export import prepare
+    from backbone.export.onnx import export
+
+    tmp = tmp_path_factory.mktemp("trained_seg_onnx")
+    paths = {}
+    for name, argmax in (("logits", False), ("mask", True)):
+        wrapper, example, meta = prepare(trained_seg["ckpt"], argmax=argmax)
+        paths[name] = export(wrapper, example, meta, tmp / f"seg_{name}.onnx")
+    return paths

@@ -58,3 +58,40 @@ def test_ddp_evaluation_equals_single_process(run_tool, tmp_path: Path, task: st
         assert ddp_metrics["num_pixels"] == one_metrics["num_pixels"] > 0
         assert ddp_metrics["miou"] == pytest.approx(one_metrics["miou"], abs=1e-9)
         assert ddp_metrics["iou_per_class"] == pytest.approx(one_metrics["iou_per_class"], abs=1e-9)
+
+
+# Resume under DDP: 8 images, batch 2 per rank -> 2 steps per epoch and rank, 2 epochs. Seg: its dropout
+# draws from each rank's global RNG, so the per-rank RNG states in the checkpoint matter too.
+RESUME = ["task=seg", "synthetic.num_train=8", "synthetic.num_val=2", "synthetic.size=64", "data.crop_size=33",
+          "data.eval_size=97", "data.batch_size=2", "data.num_workers=0", "trainer.accelerator=cpu", *DDP,
+          "trainer.max_epochs=2", "trainer.deterministic=true", "model.backbone.pretrained=none",
+          "model.backbone.width_mult=0.35", "logger=none", "~callbacks.progress_bar", "~callbacks.val_images",
+          "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0",
+          "evaluate_after_fit=false", "callbacks.model_checkpoint.monitor=null",
+          "callbacks.model_checkpoint.save_top_k=0"]
+
+
+@pytest.mark.slow  # three 2-process runs (~1 min on the shared 2-core CPU)
+def test_ddp_resume_mid_epoch_is_exact(run_tool, tmp_path: Path) -> None:
+    """Stopped after global step 1 (batch 1 of 2 of epoch 0, via GracefulStop's stop_at_step: what SIGTERM
+    does), resumed from its last.ckpt: the weights equal the uninterrupted 2-process run's, bit for bit."""
+    import torch
+
+    cache = tmp_path / "cache"
+    runs = {name: tmp_path / name for name in ("stopped", "resumed", "full")}
+    r = run_tool("train.py", [*RESUME, "callbacks.graceful_stop.stop_at_step=1"], cache, runs["stopped"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "stopped by stop_at_step=1 at global step 1 (epoch 0, batch 1 of 2)" in out, out[-3000:]
+    saved = runs["stopped"] / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(saved, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1 and sorted(ckpt["mnv2_rng"]) == ["0", "1"]  # both ranks' RNG states
+
+    for name, extra in (("resumed", [f"ckpt_path={saved}"]), ("full", [])):
+        r = run_tool("train.py", [*RESUME, *extra], cache, runs[name])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed, full = (torch.load(runs[n] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                     for n in ("resumed", "full"))
+    assert resumed["global_step"] == full["global_step"] == 4
+    differ = [k for k, v in full["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"

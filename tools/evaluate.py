@@ -17,8 +17,10 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, open_dict
 
-from backbone.errors import ConfigError, DataError
+from backbone.errors import DataError
 from backbone.training.checkpoint import command_line_overrides, load_checkpoint, model_config_from_checkpoint
+from backbone.training.config_checks import check_checkpoint_classes, check_checkpoint_task, check_config
+from backbone.training.data_health import DataHealth
 from backbone.training.runner import build, build_trainer, check_trainer, output_dir, report, run_cli
 
 
@@ -26,14 +28,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint on the whole val set of the configured data."""
     out_dir = output_dir()
     check_trainer(cfg.trainer)
-    ckpt = load_checkpoint(cfg.ckpt_path)
+    ckpt = load_checkpoint(cfg.ckpt_path)  # the model config lives in it: the one file read before the checks
     info = ckpt["mnv2"]
-    if info.get("task") != cfg.task_name:
-        raise ConfigError("task", f"{cfg.ckpt_path} holds a '{info.get('task')}' model but task={cfg.task_name}",
-                          f"run with task={info.get('task')}")
-    pl.seed_everything(int(cfg.seed), workers=True)
+    check_checkpoint_task(cfg, info)
     with open_dict(cfg):
         cfg.model = model_config_from_checkpoint(info, command_line_overrides())  # data may read ${model.*}
+    check_config(cfg, training=False, checkpoint=ckpt)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    # the data first (its classes come from the config or an annotation file, no image is read), then the model
+    datamodule = build(cfg.data, "data")
+    if cfg.task_name == "seg":  # seg labels are mask values: they must be the model's classes (det matches ids)
+        names, source = datamodule.read_classes()
+        check_checkpoint_classes(cfg, info, len(names), source)
+    datamodule.use_model_classes(info.get("meta") or {})
     module = build(cfg.model, "model")
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
@@ -41,9 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                         "evaluate with the checkpoint's own model config (drop model.* overrides that change the architecture)")
     if cfg.get("save_predictions"):
         module.predictions_dir = out_dir / "predictions"
-    datamodule = build(cfg.data, "data")
-    datamodule.use_model_classes(info.get("meta") or {})
-    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    # what bad data the evaluation met: one summary + out_dir/data_health.json, as in training
+    trainer = build_trainer(cfg, callbacks=[DataHealth(output_dir=out_dir)], loggers=[])
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return report(module, trainer, out_dir)
 

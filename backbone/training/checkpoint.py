@@ -16,6 +16,8 @@ config. Checkpoints made by other means (e.g. `tools/import_tf.py`) write the sa
 """
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -25,11 +27,13 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from backbone.errors import ConfigError, DataError
 
 FORMAT = 1
+log = logging.getLogger("mnv2")
 
 
 def versions() -> dict[str, str]:
@@ -61,6 +65,57 @@ class RunInfoCallback(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         dm = getattr(trainer, "datamodule", None)
         checkpoint["mnv2"] = run_info(self.task, self.config, getattr(dm, "meta", None))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO, but a checkpoint is never left half-written: the file is written
+    to a temporary name in the same folder, fsynced, then renamed over the final name (``os.replace`` is
+    atomic on POSIX and Windows). A save that fails (disk full, a kill) leaves the previous file as it was
+    and no partial file under the final name. Wired in conf/trainer/default.yaml (``plugins``)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        if "://" in str(path):  # remote filesystems (fsspec): Lightning's own write
+            super().save_checkpoint(checkpoint, path)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:  # e.g. Windows: directories cannot be opened
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def find_last_checkpoint(log_dir: str | Path, task: str, exclude: str | Path | None = None) -> Path:
+    """``ckpt_path=last``: the newest ``last.ckpt`` of this task's runs,
+    ``LOG_DIR/<task>/runs/*/checkpoints/last.ckpt`` (and ``multiruns/*/*/...``), by modification time.
+    Every run has its own folder, so Lightning's own "last" lookup (in the new run's folder) finds nothing.
+    ``exclude``: a run folder to skip (the run being started). Raises DataError when there is none."""
+    root = Path(log_dir).expanduser() / task
+    found = [p for pattern in ("runs/*/checkpoints/last.ckpt", "multiruns/*/*/checkpoints/last.ckpt")
+             for p in root.glob(pattern)
+             if exclude is None or Path(exclude).resolve() not in p.resolve().parents]
+    if not found:
+        raise DataError(root / "runs", "ckpt_path=last: no */checkpoints/last.ckpt of an earlier run there",
+                        "pass ckpt_path=PATH to the checkpoint to resume from (or set paths.log_dir)")
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

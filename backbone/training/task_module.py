@@ -38,17 +38,60 @@ The Lightning contract between a task and the entry points ``tools/train.py`` an
 from __future__ import annotations
 
 import abc
+import random
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from backbone.errors import ArgumentError, ConfigError
+from backbone.errors import ArgumentError, ConfigError, Mnv2Error
+from backbone.training.dataloader import restore_loader_states
 from backbone.training.optim import param_groups
 
 NO_EVALUATION = "no validation epoch has finished yet: run trainer.validate(...) first"
+#: checkpoint entry with every rank's RNG states (python, numpy, torch, cuda) at save time
+RNG_KEY = "mnv2_rng"
+
+
+class NonFiniteLossError(Mnv2Error):
+    """The training loss became NaN or Inf (printed as one ``error:`` line by the tools)."""
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states as plain data (loadable with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                              "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                                        int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in states["python"]))
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def batch_ids(batch: Any) -> list[Any]:
+    """The images of a training batch, as the data names them (det: ``image_ids``; seg: ``names``)."""
+    if not isinstance(batch, Mapping):
+        return []
+    for key in ("image_ids", "names"):
+        ids = batch.get(key)
+        if ids is not None:
+            return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return []
 
 
 def _factory(arg: str, value: Any) -> Callable[..., Any] | None:
@@ -106,6 +149,13 @@ class TaskModule(pl.LightningModule, abc.ABC):
         self._metrics: dict[str, Any] | None = None  # the last validation epoch's results
         #: set by ``tools/evaluate.py save_predictions=true``: the task writes its pictures there
         self.predictions_dir: Path | None = None
+        #: non-finite loss check: "step" (a host check before every backward; the default on CPU, where
+        #: it is free), "deferred" (a device-side flag read every ``trainer.log_every_n_steps`` steps and
+        #: before every checkpoint save: no host sync per step; the default on GPUs), or None (auto)
+        self.nonfinite_check: str | None = None
+        self._bad_step: torch.Tensor | None = None  # deferred: first global step with a non-finite loss, or -1
+        self._recent_ids: deque[tuple[int, int, list[Any]]] = deque(maxlen=64)  # (step, batch_idx, ids)
+        self._rng_to_restore: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ optimiser
     @property
@@ -133,6 +183,80 @@ class TaskModule(pl.LightningModule, abc.ABC):
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------- non-finite loss guard
+    def _check_mode(self, loss: torch.Tensor) -> str:
+        return self.nonfinite_check or ("step" if loss.device.type == "cpu" else "deferred")
+
+    def _nonfinite_error(self, step: int, value: str) -> NonFiniteLossError:
+        found = [(b, ids) for s, b, ids in self._recent_ids if s == step]
+        batch, ids = found[-1] if found else (None, [])
+        ids = batch_ids(ids)
+        shown = ", ".join(str(i) for i in ids[:16]) + (", ..." if len(ids) > 16 else "")
+        where = f"global step {step}" + (f" (epoch {self.current_epoch}, batch {batch})" if batch is not None else "")
+        ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None) if self._trainer is not None else None
+        keep = f"; the last good checkpoint is kept in {ckpt} (resume with ckpt_path=last)" if ckpt else ""
+        return NonFiniteLossError(f"training loss is {value} at {where}, batch images: [{shown}]; training stopped, "
+                                  f"these weights were not saved{keep} -- fix: lower model.optimizer.lr, set "
+                                  "trainer.gradient_clip_val (e.g. 1.0), or check those images and their labels")
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        step = self.trainer.global_step
+        if self._check_mode(loss) == "step":
+            # before backward: the optimizer never sees it, the weights stay those of the last good step
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise self._nonfinite_error(step, str(loss.detach().float().sum().item()))
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        # the first bad step stays recorded; no .item(): no host sync
+        self._bad_step = torch.where(bad & (self._bad_step < 0), torch.full_like(self._bad_step, step), self._bad_step)
+
+    def check_finite_loss(self) -> None:
+        """Raise :class:`NonFiniteLossError` if the deferred flag recorded a non-finite loss (one sync)."""
+        if self._bad_step is not None:
+            step = int(self._bad_step.item())
+            if step >= 0:
+                raise self._nonfinite_error(step, "non-finite (NaN or Inf)")
+
+    def on_train_start(self) -> None:
+        restore_loader_states(self.trainer)  # a resumed run continues at the checkpoint's batch
+        # deferred checks look back up to log_every_n_steps steps (x accumulation) for the bad batch's ids
+        span = max(1, self.trainer.log_every_n_steps) * max(1, self.trainer.accumulate_grad_batches)
+        self._recent_ids = deque(maxlen=2 * span + 2)
+        self._bad_step = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the ids object as is (a device tensor stays unread: no sync); read only for an error message
+        ids = {k: batch[k] for k in ("image_ids", "names") if isinstance(batch, Mapping) and k in batch}
+        self._recent_ids.append((self.trainer.global_step, batch_idx, ids))
+        if self._rng_to_restore is not None:  # a resumed run: the RNG exactly where the saved run was
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._bad_step is not None and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite_loss()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_loss()
+
+    # ---------------------------------------------------------------------- resume state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_loss()  # never write weights a non-finite loss has touched
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)  # every rank runs the save (Lightning's dump_checkpoint)
+            checkpoint[RNG_KEY] = {str(rank): s for rank, s in enumerate(gathered)}
+        else:
+            checkpoint[RNG_KEY] = {"0": states}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rank = str(dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        # applied at the first training batch: validation and loader set-up before it draw nothing
+        self._rng_to_restore = (checkpoint.get(RNG_KEY) or {}).get(rank)
 
     # --------------------------------------------------------------------------------- data
     def _datamodule(self) -> Any:

@@ -1,0 +1,189 @@
+"""End-to-end SSDLite for export: 0..255 images in, detections (or raw head outputs) out.
+
+:class:`DetectionExport` normalises inside, runs the detector and, with ``nms``, reproduces
+:class:`mnv2det.postprocess.PostProcessor` with fixed-size outputs::
+
+    boxes (B, D, 4) xyxy in input pixels, scores (B, D), labels (B, D) int64 1..K (padding 0),
+    num_detections (B,) int64                                     D = postprocess.max_detections
+
+Decode, score conversion, the pre-NMS top-k cap and the clip are plain tensor ops; the class-wise
+NMS, the clip/drop of empty boxes after it and the per-image top D are one custom op,
+``torch.ops.mnv2.multiclass_nms``. Its eager kernel is the PostProcessor's own code (the reference);
+:func:`multiclass_nms_onnx` lowers it to ONNX ``NonMaxSuppression`` (per image, per class, exact
+greedy) + TopK, so torch.export sees fixed output shapes and no data-dependent sizes. Why a custom op:
+the dynamo exporter (torch 2.14 default) has no lowering of ``torchvision::nms`` and the TorchScript
+one's maps it to a single-class NMS whose dynamic number of survivors would still need the per-image
+top-D and padding written around it; one op with fixed outputs keeps both simple.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mnv2det.postprocess import batched_nms_single_call, convert_scores
+from mnv2det.ssdlite import SSDLite
+
+NMS_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
+RAW_OUTPUTS = ("cls_logits", "bbox_regression", "anchors")
+
+
+@torch.library.custom_op("mnv2::multiclass_nms", mutates_args=())
+def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: float, height: float, iou_threshold: float,
+                   score_threshold: float, max_detections: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-wise greedy NMS per image, then clip, drop empty boxes, keep the top ``max_detections``.
+
+    boxes: (B, N, 4) xyxy (unclipped), scores: (B, K, N) (a candidate needs score >= score_threshold).
+    Returns boxes (B, D, 4) clipped to [0, width] x [0, height], scores (B, D), labels (B, D) int64
+    1..K, num_detections (B,) int64; rows past num_detections are 0, kept rows sorted by score.
+    """
+    B, K, N = scores.shape
+    D = int(max_detections)
+    b, k, n = (scores >= score_threshold).nonzero(as_tuple=True)
+    cand_boxes, cand_scores = boxes[b, n].float(), scores[b, k, n].float()
+    kept = batched_nms_single_call(cand_boxes, cand_scores, b * K + k, iou_threshold)
+    bound = cand_boxes.new_tensor([width, height, width, height])
+    kb = torch.minimum(cand_boxes[kept].clamp(min=0), bound)
+    nonempty = (kb[:, 2] > kb[:, 0]) & (kb[:, 3] > kb[:, 1])
+    kept, kb = kept[nonempty], kb[nonempty]
+    img = b[kept]
+    order = torch.sort(img, stable=True).indices  # kept is by score: a stable sort by image keeps that
+    kept, kb, img = kept[order], kb[order], img[order]
+    counts = torch.bincount(img, minlength=B)
+    rank = torch.arange(img.numel()) - (torch.cumsum(counts, 0) - counts)[img]
+    sel = rank < D
+    img, rank = img[sel], rank[sel]
+    out_boxes = boxes.new_zeros(B, D, 4)
+    out_scores = scores.new_zeros(B, D)
+    out_labels = torch.zeros(B, D, dtype=torch.int64)
+    out_boxes[img, rank] = kb[sel].to(boxes.dtype)
+    out_scores[img, rank] = cand_scores[kept[sel]].to(scores.dtype)
+    out_labels[img, rank] = k[kept[sel]] + 1
+    return out_boxes, out_scores, out_labels, counts.clamp(max=D)
+
+
+@multiclass_nms.register_fake
+def _(boxes, scores, width, height, iou_threshold, score_threshold, max_detections):
+    B, D = boxes.shape[0], int(max_detections)
+    return (boxes.new_empty(B, D, 4), scores.new_empty(B, D), boxes.new_empty(B, D, dtype=torch.int64),
+            boxes.new_empty(B, dtype=torch.int64))
+
+
+def multiclass_nms_onnx(boxes: Any, scores: Any, width: float, height: float, iou_threshold: float,
+                        score_threshold: float, max_detections: int) -> tuple[Any, Any, Any, Any]:
+    """ONNX lowering of ``mnv2::multiclass_nms`` (onnxscript, opset 18).
+
+    NonMaxSuppression keeps ``score > threshold`` where the eager op keeps ``>=``: it gets the float32
+    just below the threshold. Its per-class cap is N (every box), so no survivor is lost before the
+    clip; the per-image top D is a TopK over a (B, M + D) matrix (-inf off the image, D -inf pads
+    so that K = D always fits).
+    """
+    from onnxscript import opset18 as op
+
+    D = int(max_detections)
+    n_boxes = op.Shape(boxes, start=1, end=2)
+    thr = float(np.nextafter(np.float32(score_threshold), np.float32(-np.inf)))
+    sel = op.NonMaxSuppression(boxes, scores, n_boxes, op.Constant(value_floats=[float(iou_threshold)]),
+                               op.Constant(value_floats=[thr]))  # (M, 3): image, class, box
+    i0, i1, i2 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])
+    img = op.Squeeze(op.Gather(sel, i0, axis=1), i1)  # (M,)
+    cls = op.Squeeze(op.Gather(sel, i1, axis=1), i1)
+    sel_scores = op.GatherND(scores, sel)  # (M,)
+    sel_boxes = op.GatherND(boxes, op.Concat(op.Gather(sel, i0, axis=1), op.Gather(sel, i2, axis=1), axis=1))
+    bound = op.Constant(value_floats=[float(width), float(height), float(width), float(height)])
+    clipped = op.Min(op.Max(sel_boxes, op.Constant(value_float=0.0)), bound)  # (M, 4)
+    x1, y1, x2, y2 = (op.Squeeze(op.Gather(clipped, op.Constant(value_ints=[j]), axis=1), i1) for j in range(4))
+    nonempty = op.And(op.Greater(x2, x1), op.Greater(y2, y1))
+    neg = op.Constant(value_float=float("-inf"))
+    s = op.Where(nonempty, sel_scores, neg)
+    B = op.Shape(boxes, start=0, end=1)
+    images = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(B, i0), op.Constant(value_int=1)), i1)
+    mat = op.Where(op.Equal(images, op.Unsqueeze(img, i0)), op.Unsqueeze(s, i0), neg)  # (B, M)
+    pad = op.Expand(neg, op.Concat(B, op.Constant(value_ints=[D]), axis=0))
+    vals, idx = op.TopK(op.Concat(mat, pad, axis=1), op.Constant(value_ints=[D]), axis=1, largest=1, sorted=1)
+    valid = op.Greater(vals, neg)  # (B, D)
+    zero_boxes = op.Expand(op.Constant(value_float=0.0), op.Constant(value_ints=[D, 4]))
+    all_boxes = op.Concat(clipped, zero_boxes, axis=0)  # (M + D, 4)
+    all_labels = op.Concat(op.Add(cls, op.Constant(value_int=1)),
+                           op.Expand(op.Constant(value_int=0), op.Constant(value_ints=[D])), axis=0)
+    out_boxes = op.Where(op.Unsqueeze(valid, op.Constant(value_ints=[2])), op.Gather(all_boxes, idx, axis=0),
+                         op.Constant(value_float=0.0))
+    out_scores = op.Where(valid, vals, op.Constant(value_float=0.0))
+    out_labels = op.Where(valid, op.Gather(all_labels, idx, axis=0), op.Constant(value_int=0))
+    num = op.ReduceSum(op.Cast(valid, to=7), i1, keepdims=0)  # 7: int64
+    return out_boxes, out_scores, out_labels, num
+
+
+class DetectionExport(nn.Module):
+    """SSDLite + normalisation (+ post-processing) for export.
+
+    images: (B, 3, H, W) float32 RGB 0..255 at the model's input size ->
+        nms=True: boxes (B, D, 4) xyxy input px, scores (B, D), labels (B, D) int64, num_detections (B,) int64;
+        nms=False: cls_logits (B, A, K+1), bbox_regression (B, A, 4) (codes in box_code_order), anchors (A, 4)
+        normalised xyxy.
+    """
+
+    def __init__(self, model: SSDLite, nms: bool = True) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.nms = bool(nms)
+        self.input_size = tuple(model.image_size)
+        self.register_buffer("mean", torch.tensor(model.normalize_mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(model.normalize_std).view(1, 3, 1, 1) * 255)
+        with torch.no_grad():  # anchors depend only on the input size: a constant of the graph
+            anchors = model(torch.zeros(1, 3, *self.input_size))["anchors"]
+        self.register_buffer("anchors", anchors)
+        self.output_names = NMS_OUTPUTS if self.nms else RAW_OUTPUTS
+
+    def onnx_translations(self) -> dict[Any, Any]:
+        return {torch.ops.mnv2.multiclass_nms.default: multiclass_nms_onnx}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (images - self.mean) / self.std
+        cls_logits, bbox_regression = self.model.head(self.model.extract_features(x))
+        if not self.nms:
+            return cls_logits, bbox_regression, self.anchors.clone()
+        pp = self.model.postprocessor
+        B, A, C = cls_logits.shape
+        K = C - 1
+        h, w = self.input_size
+        scores = convert_scores(cls_logits, pp.score_converter)  # (B, A, K)
+        boxes = pp.box_coder.decode(bbox_regression.float(), self.anchors) * torch.tensor(
+            [w, h, w, h], dtype=torch.float32)
+        if pp.clip_before_nms:
+            bound = torch.tensor([w, h, w, h], dtype=torch.float32)
+            boxes = torch.minimum(boxes.clamp(min=0), bound)
+            nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+            scores = scores.masked_fill(~nonempty[..., None], -1.0)
+        flat = scores.reshape(B, A * K)
+        if pp.pre_nms_top_k is not None and pp.pre_nms_top_k < A * K:
+            top, idx = flat.topk(pp.pre_nms_top_k, dim=1)  # candidates outside the top k get -1: never kept
+            flat = torch.full_like(flat, -1.0).scatter(1, idx, top)
+        scores = flat.reshape(B, A, K).transpose(1, 2).contiguous()  # (B, K, A)
+        return torch.ops.mnv2.multiclass_nms(boxes, scores, float(w), float(h), pp.nms_iou,
+                                             max(pp.score_threshold, 0.0), pp.max_detections)
+
+
+def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True
+                 ) -> tuple[DetectionExport, torch.Tensor, dict[str, Any]]:
+    """(wrapper, example input, metadata) of an SSDLiteModule loaded from a checkpoint."""
+    from backbone.export.metadata import make_metadata
+
+    model: SSDLite = module.model
+    wrapper = DetectionExport(model, nms=nms).eval()
+    pp = model.postprocessor
+    K = model.num_classes
+    names = list(meta.get("class_names") or [f"class_{i}" for i in range(1, K + 1)])
+    metadata = make_metadata(
+        "det", wrapper.input_size, getattr(module, "resize", "cv2_linear"), model.normalize_mean, model.normalize_std,
+        names, wrapper.output_names, nms=nms, category_ids=meta.get("category_ids"),
+        postprocess={"score_threshold": pp.score_threshold, "nms_iou": pp.nms_iou, "max_detections": pp.max_detections,
+                     "pre_nms_top_k": pp.pre_nms_top_k, "score_converter": pp.score_converter,
+                     "clip_before_nms": pp.clip_before_nms, "box_coder_weights": list(pp.box_coder.weights),
+                     "box_code_order": pp.box_coder.order},
+        anchors_output=not nms, num_classes=K)
+    example = torch.rand(1, 3, *wrapper.input_size) * 255
+    return wrapper, example, metadata

@@ -112,6 +112,11 @@ def test_det_raw_outputs_match(tmp_path, images):
     for name in ("cls_logits", "bbox_regression", "anchors"):
         assert out[name].shape == tuple(ref[name].shape), name
         assert np.abs(out[name] - ref[name].numpy()).max() < 1e-3, name
+    # a batch larger than one runtime call (the evaluation's val batches): same per-image outputs
+    many = model(np.concatenate([images] * 5 + [images[:1]]))
+    for name in ("cls_logits", "bbox_regression"):
+        assert np.abs(many[name][: len(images)] - out[name]).max() < 1e-5, name
+        assert np.abs(many[name][-1] - out[name][0]).max() < 1e-5, name
 
 
 def test_seg_logits_and_mask_match(tmp_path):

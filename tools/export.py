@@ -84,9 +84,9 @@ def export(cfg: DictConfig) -> Path:
 def comparison_table(paths: dict[str, Path], datamodule: object, runs: int) -> str:
     """Metric and batch-1 latency of each exported model, with the versions they ran on."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import numpy as np
-    import onnxruntime
     import torch
 
     from backbone.export.evaluation import evaluate_exported, latency_ms
@@ -102,9 +102,14 @@ def comparison_table(paths: dict[str, Path], datamodule: object, runs: int) -> s
     extra_label = "mAP@0.5" if label == "mAP" else "pixel acc"
     lines = [f"{'model':<6} {label:>8} {extra_label:>10} {'latency ms (b=1, median)':>26} {'size MiB':>9}"]
     lines += [f"{n:<6} {m:>8.4f} {e:>10.4f} {lt:>26.2f} {s:>9.2f}" for n, m, e, lt, s in rows]
-    lines.append(f"versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+    runtime = {".onnx": "onnxruntime", ".tflite": "ai-edge-litert", ".pte": "executorch"}[next(iter(paths.values())).suffix]
+    try:
+        runtime_version = version(runtime)
+    except PackageNotFoundError:
+        runtime_version = "?"
+    lines.append(f"versions: {runtime} {runtime_version}, torch {torch.__version__}, numpy {np.__version__}, "
                  f"python {platform.python_version()}, cpu {platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} cores (onnxruntime default threads), {runs} runs")
+                 f"{os.cpu_count()} cores (the runtime's default threads), {runs} runs")
     return "\n".join(lines)
 
 

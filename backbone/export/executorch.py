@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 METADATA_METHOD = "mnv2_metadata"
 MAX_BATCH = 64  # ExecuTorch plans memory for the largest batch
+CALL_CHUNK = 8  # images per runtime call (see ExecuTorchModel.__call__)
 
 
 def _export_program(module: torch.nn.Module, example: torch.Tensor, max_batch: int,
@@ -90,8 +91,10 @@ class ExecuTorchModel:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images: (B, 3, H, W) float32 RGB 0..255 -> {output name: array} (B <= metadata max_batch)."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        outs = self.method.execute([x])
-        return {n: o.numpy().copy() for n, o in zip(self.output_names, outs)}
+        # Calls of 16+ images fail in executorch 1.5.1 (set_inputs error 0x10) although the program's batch
+        # dimension is 1..max_batch (15 works: measured on a det .pte), so large batches run in chunks.
+        chunks = [self.method.execute([c.contiguous()]) for c in torch.split(x, CALL_CHUNK)]
+        return {n: np.concatenate([out[k].numpy() for out in chunks]) for k, n in enumerate(self.output_names)}
 
 
 def load(path: str | Path) -> ExecuTorchModel:

@@ -243,6 +243,13 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int
     its position checkpointed), last partial batch dropped (a 1-sample batch breaks BatchNorm). Val:
     in order, every image once over all DDP ranks (:func:`eval_sampler`). Workers are persistent and
     reseeded (:func:`seed_worker`); loaders draw from their own generator, not the global RNG."""
+    if num_workers > 0:
+        # OpenCV's thread pool does not survive fork: a worker forked while this process holds one hangs in
+        # its first cv2 call (seen: seed_worker's setNumThreads, at the validate after fit). One thread here
+        # too; the workers are the parallelism.
+        import cv2
+
+        cv2.setNumThreads(1)
     seed = torch.initial_seed()  # the run's seed after seed_everything
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                   pin_memory=pin_memory and torch.cuda.is_available(), worker_init_fn=worker_init_fn(),

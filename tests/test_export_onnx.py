@@ -21,6 +21,8 @@ pytest.importorskip("onnxscript")
 # each ONNX export takes 10-60 s on a shared 2-core CPU
 pytestmark = pytest.mark.slow
 
+from parity import assert_same_detections  # noqa: E402
+
 from backbone.export import prepare  # noqa: E402
 from backbone.export.metadata import prepare_image  # noqa: E402
 from backbone.export.onnx import export  # noqa: E402
@@ -59,28 +61,6 @@ def _torch_detections(ssd, images: np.ndarray) -> list[dict]:
         return ssd.postprocess(ssd(x), torch.tensor([[h, w]] * len(images)))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
-def _assert_same_detections(out: dict, i: int, ref: dict) -> None:
-    n = int(out["num_detections"][i])
-    assert n == len(ref["scores"]), (i, n, len(ref["scores"]))
-    boxes, scores, labels = out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n]
-    # match each reference detection to the exported one of the same label with the highest IoU
-    rb, rs, rl = ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()
-    for j in range(n):
-        same = np.flatnonzero(labels == rl[j])
-        ious = _iou(np.repeat(rb[j:j + 1], len(same), 0), boxes[same])
-        k = same[int(np.argmax(ious))]
-        assert ious.max() > 0.99 and abs(scores[k] - rs[j]) < 1e-3, (i, j, ious.max(), scores[k], rs[j])
-    assert np.array_equal(np.sort(labels), np.sort(rl))
-    assert np.all(out["labels"][i, n:] == 0) and np.all(out["scores"][i, n:] == 0)  # padding
-
-
 def test_det_metadata_contract(det_export):
     _, model, _ = det_export
     meta = model.metadata
@@ -105,12 +85,12 @@ def test_det_detections_match_postprocessor(det_export):
     refs = _torch_detections(wrapper.model, images)
     assert sum(int((r["scores"] > 0.3).sum()) for r in refs) >= 2  # real people found, not only noise
     for i, ref in enumerate(refs):
-        _assert_same_detections(out, i, ref)
+        assert_same_detections(out, i, ref)
     # the custom op's eager kernel (what other formats lower) gives the same
     with torch.no_grad():
         eager = dict(zip(model.metadata["outputs"], (t.numpy() for t in wrapper(torch.from_numpy(images)))))
     for i, ref in enumerate(refs):
-        _assert_same_detections(eager, i, ref)
+        assert_same_detections(eager, i, ref)
 
 
 def test_det_dynamic_batch(det_export):

@@ -1,26 +1,40 @@
-"""ExecuTorch export: parity in the real runtime (executorch.runtime, XNNPACK) with PyTorch.
+"""TFLite (LiteRT) and ExecuTorch export: parity in the real runtimes (ai-edge-litert's interpreter;
+executorch.runtime with XNNPACK) with PyTorch, each test run for both formats.
 
 Small random-weight models (conversion dominates: ~40-120 s on a busy 2-core machine, hence ``slow``):
 detection with the static-shape NMS inside gives the detections of mnv2det.postprocess.PostProcessor
 (same count, labels; IoU > 0.99; scores within 1e-3) on several images, raw detection outputs within
-1e-3, segmentation logits within 1e-3 and the argmax mask equal on >= 99.9 % of pixels; the contract
-travels in the file.
+1e-3 (also for a batch larger than one runtime call), segmentation logits within 1e-3 and the argmax
+mask equal on >= 99.9 % of pixels; the contract travels in the file. A format whose converter or
+runtime is not installed is skipped (tests/conftest.py makes that a failure in CI).
 """
 from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from parity import assert_same_detections
 
-pytest.importorskip("executorch.runtime", reason="ExecuTorch runtime not installed (pip install -e '.[export]')")
-pytest.importorskip("executorch.exir", reason="ExecuTorch converter not installed (pip install -e '.[export]')")
-
-from backbone.export import prepare  # noqa: E402
-from backbone.export.executorch import export  # noqa: E402
-from backbone.export.runtime import load_exported  # noqa: E402
+from backbone.export import prepare
+from backbone.export.runtime import load_exported
 
 pytestmark = pytest.mark.slow
-FMT, SUFFIX = "executorch", ".pte"
+#: format -> (suffix, modules its converter and runtime need)
+FORMATS = {"tflite": (".tflite", ("ai_edge_litert", "litert_torch")),
+           "executorch": (".pte", ("executorch.runtime", "executorch.exir"))}
+
+
+@pytest.fixture(scope="module", params=sorted(FORMATS))
+def fmt(request: pytest.FixtureRequest) -> tuple[str, str, Callable]:
+    """(format, suffix, its export function); skipped when its converter / runtime is not installed."""
+    name = request.param
+    suffix, needs = FORMATS[name]
+    for module in needs:
+        pytest.importorskip(module, reason=f"{name} converter/runtime not installed (pip install -e '.[export]')")
+    return name, suffix, importlib.import_module(f"backbone.export.{name}").export
 
 
 def _det_ckpt(K: int = 3, size: int = 96) -> dict:
@@ -56,33 +70,13 @@ def _seg_ckpt() -> dict:
     return {"state_dict": module.state_dict(), "mnv2": info}
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
-def _assert_same_detections(out: dict, i: int, ref: dict) -> None:
-    n = int(out["num_detections"][i])
-    assert n == len(ref["scores"]), (i, n, len(ref["scores"]))
-    boxes, scores, labels = out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n]
-    rb, rs, rl = ref["boxes"].numpy(), ref["scores"].numpy(), ref["labels"].numpy()
-    for j in range(n):
-        same = np.flatnonzero(labels == rl[j])
-        ious = _iou(np.repeat(rb[j:j + 1], len(same), 0), boxes[same])
-        k = same[int(np.argmax(ious))]
-        assert ious.max() > 0.99 and abs(scores[k] - rs[j]) < 1e-3, (i, j, ious.max(), scores[k], rs[j])
-    assert np.array_equal(np.sort(labels), np.sort(rl))
-    assert np.all(out["labels"][i, n:] == 0) and np.all(out["scores"][i, n:] == 0)  # padding
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (4, 3, 96, 96)).astype(np.float32)
 
 
-def test_det_nms_matches_postprocessor(tmp_path, images):
+def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
+    FMT, SUFFIX, export = fmt
     wrapper, example, meta = prepare(_det_ckpt(), nms=True)
     model = load_exported(export(wrapper, example, meta, tmp_path / f"det{SUFFIX}"))
     assert model.metadata["format"] == FMT and model.metadata["nms"] and model.metadata["task"] == "det"
@@ -97,10 +91,11 @@ def test_det_nms_matches_postprocessor(tmp_path, images):
         refs = ssd.postprocess(ssd((torch.from_numpy(images) / 255 - mean) / std), torch.tensor([[96, 96]] * 4))
     assert sum(len(r["scores"]) for r in refs) >= 8  # enough detections that NMS matters
     for i, ref in enumerate(refs):
-        _assert_same_detections(out, i, ref)
+        assert_same_detections(out, i, ref)
 
 
-def test_det_raw_outputs_match(tmp_path, images):
+def test_det_raw_outputs_match(tmp_path, images, fmt):
+    FMT, SUFFIX, export = fmt
     wrapper, example, meta = prepare(_det_ckpt(), nms=False)
     model = load_exported(export(wrapper, example, meta, tmp_path / f"raw{SUFFIX}"))
     assert model.metadata["outputs"] == ["cls_logits", "bbox_regression", "anchors"]
@@ -119,7 +114,8 @@ def test_det_raw_outputs_match(tmp_path, images):
         assert np.abs(many[name][-1] - out[name][0]).max() < 1e-5, name
 
 
-def test_seg_logits_and_mask_match(tmp_path):
+def test_seg_logits_and_mask_match(tmp_path, fmt):
+    FMT, SUFFIX, export = fmt
     from mnv2seg.inference import predict
 
     ckpt = _seg_ckpt()

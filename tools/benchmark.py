@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of our models vs torchvision's mobile peers, in one process (logic: backbone/benchmark.py).
+"""Speed of our models vs torchvision's mobile peers, in one process (logic: backbone/benchmark/).
 
     python tools/benchmark.py task=det                       # SSDLite-MNV2 320 vs ssdlite320_mobilenet_v3_large
     python tools/benchmark.py task=seg threads=4             # Mobile DeepLabv3 vs deeplabv3 / lraspp MobileNetV3

@@ -1,44 +1,13 @@
-"""Speed benchmark of our models against torchvision's mobile peers, in ONE process.
-
-``python tools/benchmark.py task=det|seg [model.*=...] [device=cpu|cuda] [threads=N] [batch_size=B]
-[variants=true]`` (config ``conf/benchmark.yaml``).
-
-Every model gets the same inputs and settings (device, threads, precision, optimizer):
-
-- det: SSDLite-MobileNetV2 (``conf/model/ssdlite_mnv2.yaml`` + overrides) vs torchvision
-  ``ssdlite320_mobilenet_v3_large``; seg: Mobile DeepLabv3 (``conf/model/deeplabv3_mnv2.yaml``) vs
-  ``deeplabv3_mobilenet_v3_large`` and ``lraspp_mobilenet_v3_large``. All random init
-  (``weights=None, weights_backbone=None``); det uses ``num_classes`` object classes + background on
-  both sides.
-- train step: forward + loss + backward + optimizer step (AdamW) on realistic targets (det: 1..
-  ``boxes_per_image`` random boxes per image, COCO averages ~7; seg: random masks with 255 borders).
-- eval: det forward + decode + NMS (ours: ``SSDLite.postprocess``; torchvision: its eval forward,
-  which includes its transform and post-processing); seg forward + upsample + argmax.
-- batch-1 latency of the whole eval call (median and p90), forward-only img/s and its efficiency
-  (MAdds x 2 / time / the machine's torch.mm 2048^2 GFLOP/s on the same threads).
-- peak memory of one train step: CPU peak RSS growth (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) or CUDA max allocated.
-
-Timings are interleaved (ours, peer, ours, peer, ... ``repeats`` rounds) and medians taken, so
-machine noise hits every model alike. Ratios ours / peer are printed with the project's targets.
-
-Also: ONNX Runtime batch-1 latency of our exported model (``backbone.export``, when onnxruntime is
-importable), COCO scoring time pycocotools vs faster-coco-eval (det), the train loader alone
-(``loader=true``), ``precision=bf16-mixed`` / ``compile=true`` / ``model.memory_format=...`` to compare
-levers, and a README table of variants (``variants=true``).
-"""
+"""Ours vs the peers: models under test, timing, the report, the variants table, the flow."""
 from __future__ import annotations
 
 import contextlib
 import gc
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone.benchmark.machine import cpu_model, latencies, matmul_peak_gflops, p90, peak_memory, time_calls
+from backbone.benchmark.probes import coco_eval_speed, loader_speed, onnx_latency
 from backbone.complexity import count_madds, count_params
 from backbone.errors import ConfigError
+from backbone.training.voc_format import IGNORE_INDEX
 
 log = logging.getLogger("mnv2.benchmark")
 
@@ -58,76 +30,6 @@ TARGETS: dict[str, list[tuple[str, str, float]]] = {
     "seg": [("train_img_s", "tv_deeplabv3_mnv3", 1.5), ("eval_img_s", "tv_deeplabv3_mnv3", 1.5),
             ("train_img_s", "tv_lraspp_mnv3", 1.2), ("eval_img_s", "tv_lraspp_mnv3", 1.2)],
 }
-IGNORE_INDEX = 255
-
-
-# ----------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_gflops(device: torch.device, n: int = 2048, iters: int = 5) -> float:
-    """Best-of-``iters`` torch.mm n x n fp32 GFLOP/s on the current threads (the machine's practical peak)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    torch.mm(a, b)
-    sync(device)
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """Yields a dict that gets ``peak_mb``: the peak memory growth over the block (CUDA: max allocated)."""
-    out: dict[str, float] = {}
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield out
-        sync(device)
-        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-        return
-    reset = _reset_hwm()
-    base = _rss_kb("VmRSS")
-    yield out
-    out["peak_mb"] = (_rss_kb("VmHWM") - base) / 1024 if reset and base >= 0 else float("nan")
-
-
-def _rss_kb(key: str) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_hwm() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0); False where that is not possible."""
-    with contextlib.suppress(OSError, AttributeError):  # hand freed heap back first, so the growth is real
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- models under test
@@ -308,33 +210,6 @@ def seg_candidates(model_cfg: Any, cfg: Any, device: torch.device, peers: bool =
     return cands, images
 
 
-# ----------------------------------------------------------------------------- timing
-def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
-    """Seconds per call, averaged over ``iters`` calls."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / iters
-
-
-def _latencies(fn: Callable[[], Any], iters: int, device: torch.device) -> list[float]:
-    out = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def p90(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
-
-
 def measure(cands: list[Candidate], images: torch.Tensor, cfg: Any, device: torch.device) -> None:
     """Fill each candidate's results; the rounds interleave the candidates (ABAB...) and medians are kept."""
     B = images.shape[0]
@@ -352,13 +227,13 @@ def measure(cands: list[Candidate], images: torch.Tensor, cfg: Any, device: torc
     lat: dict[str, list[float]] = {c.name: [] for c in cands}
     for r in range(repeats):
         for c in cands:
-            train[c.name].append(B / _time(c.train_step, iters, device))
+            train[c.name].append(B / time_calls(c.train_step, iters, device))
         for c in cands:
-            evals[c.name].append(B / _time(lambda c=c: c.eval_call(images), iters, device))
+            evals[c.name].append(B / time_calls(lambda c=c: c.eval_call(images), iters, device))
         for c in cands:
-            fwd[c.name].append(B / _time(lambda c=c: c.forward(images), iters, device))
+            fwd[c.name].append(B / time_calls(lambda c=c: c.forward(images), iters, device))
         for c in cands:
-            lat[c.name].extend(_latencies(lambda c=c: c.eval_call(one), lat_iters, device))
+            lat[c.name].extend(latencies(lambda c=c: c.eval_call(one), lat_iters, device))
         log.info("round %d/%d done", r + 1, repeats)
     for c in cands:
         with peak_memory(device) as mem:
@@ -388,129 +263,6 @@ def _count_fn_madds(fn: Callable[[torch.Tensor], Any], model: nn.Module, size: i
     with counter:
         fn(x)
     return int(counter.get_total_flops()) // 2
-
-
-# ----------------------------------------------------------------------------- exported runtime
-def onnx_latency(task: str, module: Any, size: int, iters: int, tmp: Path) -> dict[str, Any]:
-    """Batch-1 latency of our whole model (det: with its NMS) through ONNX Runtime, exported by
-    ``backbone.export.onnx`` (the same graph ``tools/export.py`` writes); a reason when skipped."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return {"skipped": "onnxruntime is not installed (pip install onnxruntime)"}
-    try:
-        from backbone.export.onnx import OnnxModel, export
-        if task == "det":
-            from mnv2det.export import build_export as build_det
-        else:
-            from mnv2seg.export import build_export as build_seg
-    except ImportError as e:
-        return {"skipped": f"backbone.export is not available ({e})"}
-    import numpy as np
-
-    path = tmp / f"ours_{task}.onnx"
-    try:
-        module = module.cpu().eval()
-        wrapper, example, meta = (build_det(module, {}, nms=True) if task == "det" else
-                                  build_seg(module, {}, {}, argmax=True, input_size=size))
-        export(wrapper, example, meta, path)
-        runner = OnnxModel(path, threads=torch.get_num_threads())
-    except Exception as e:  # noqa: BLE001 -- report, do not abort the benchmark over an exporter gap
-        return {"skipped": f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    H, W = runner.metadata["input_size"]
-    x = np.random.default_rng(0).uniform(0, 255, (1, 3, H, W)).astype(np.float32)
-    for _ in range(3):
-        runner(x)
-    lat = _latencies(lambda: runner(x), iters, torch.device("cpu"))
-    return {"latency_ms_median": 1e3 * statistics.median(lat), "latency_ms_p90": 1e3 * p90(lat),
-            "what": "det: network + decode + NMS graph" if task == "det" else "seg: network + argmax graph"}
-
-
-# ----------------------------------------------------------------------------- COCO evaluation speed
-def coco_eval_speed(num_images: int, dets_per_image: int, num_classes: int = 80, seed: int = 0) -> dict[str, Any]:
-    """Seconds to score ``num_images`` images' worth of detections: pycocotools vs faster-coco-eval
-    (same synthetic ground truth and detections, bbox AP; stats compared)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    images, anns, dets = [], [], []
-    aid = 1
-    for i in range(1, num_images + 1):
-        images.append({"id": i, "width": 640, "height": 480})
-        n = int(rng.integers(1, 15))
-        xy = rng.uniform(0, 400, (n, 2))
-        wh = rng.uniform(8, 240, (n, 2))
-        cats = rng.integers(1, num_classes + 1, n)
-        for b in range(n):
-            anns.append({"id": aid, "image_id": i, "category_id": int(cats[b]), "iscrowd": 0,
-                         "bbox": [*map(float, xy[b]), *map(float, wh[b])], "area": float(wh[b].prod())})
-            aid += 1
-        # detections: jittered copies of the GT plus random boxes, dets_per_image in all
-        j = rng.integers(0, n, dets_per_image)
-        bx = np.concatenate([xy[j], wh[j]], 1) + rng.normal(0, 12, (dets_per_image, 4))
-        bx[:, 2:] = np.abs(bx[:, 2:]) + 1
-        sc = rng.uniform(0, 1, dets_per_image)
-        dc = np.where(rng.uniform(size=dets_per_image) < 0.7, cats[j], rng.integers(1, num_classes + 1, dets_per_image))
-        dets.extend({"image_id": i, "category_id": int(dc[k]), "bbox": [float(v) for v in bx[k]],
-                     "score": float(sc[k])} for k in range(dets_per_image))
-    gt = {"images": images, "annotations": anns, "categories": [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]}
-    out: dict[str, Any] = {"num_images": num_images, "num_detections": len(dets)}
-    impls: list[tuple[str, Any, Any]] = []
-    with contextlib.suppress(ImportError):
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-        impls.append(("pycocotools", COCO, COCOeval))
-    with contextlib.suppress(ImportError):
-        from faster_coco_eval import COCO as FCOCO
-        from faster_coco_eval import COCOeval_faster
-        impls.append(("faster_coco_eval", FCOCO, COCOeval_faster))
-    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-    stats = {}
-    for name, coco_cls, eval_cls in impls:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            t0 = time.perf_counter()
-            coco = coco_cls()
-            coco.dataset = json.loads(json.dumps(gt))
-            coco.createIndex()
-            res = coco.loadRes([dict(d) for d in dets])
-            ev = eval_cls(coco, res, "bbox")
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-            out[f"{name}_s"] = time.perf_counter() - t0
-        stats[name] = [float(s) for s in ev.stats[:12]]
-    if len(stats) == 2:
-        a, b = stats.values()
-        out["max_abs_stat_diff"] = max(abs(x - y) for x, y in zip(a, b))
-    if "faster_coco_eval" not in stats:
-        out["faster_coco_eval"] = "not installed (pip install faster-coco-eval)"
-    return out
-
-
-# ----------------------------------------------------------------------------- data loader
-def loader_speed(data_cfg: Any, batches: int) -> dict[str, Any]:
-    """Images/s of the configured train loader alone (default workers), after its first batch."""
-    from backbone.training.runner import build
-
-    dm = build(data_cfg, "data")
-    dm.prepare_data()
-    dm.resolve_classes()
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    it = iter(loader)
-    first = next(it)  # worker start-up is not throughput
-    n = 0
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        n += int(batch["images"].shape[0])
-    dt = time.perf_counter() - t0
-    del it
-    return {"img_s": n / dt if dt > 0 else float("nan"), "images": n, "num_workers": int(dm.num_workers),
-            "batch_size": int(first["images"].shape[0])}
 
 
 # ----------------------------------------------------------------------------- report
@@ -570,10 +322,10 @@ def _variant_rows(task: str, model_cfg: Any, cfg: Any, device: torch.device) -> 
         ours = cands[0]
         size = size or int(cfg.image_size)
         ours.train_step()
-        train = images.shape[0] / _time(ours.train_step, max(1, int(cfg.variant_iters)), device)
+        train = images.shape[0] / time_calls(ours.train_step, max(1, int(cfg.variant_iters)), device)
         one = images[:1].contiguous()
         ours.eval_call(one)
-        lat = _latencies(lambda c=ours, x=one: c.eval_call(x), max(3, int(cfg.variant_iters) * 2), device)
+        lat = latencies(lambda c=ours, x=one: c.eval_call(x), max(3, int(cfg.variant_iters) * 2), device)
         rows.append({"variant": name, "input": size, "params": count_params(ours.model),
                      "madds": count_madds(ours.model, (1, 3, size, size)),
                      "latency_ms": 1e3 * statistics.median(lat), "train_img_s": train})
@@ -710,3 +462,4 @@ def benchmark(cfg: Any, out_dir: Path) -> dict[str, Any]:
     path.write_text(json.dumps(result, indent=2, default=float))
     print(f"written {path}")
     return result
+

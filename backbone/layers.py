@@ -6,11 +6,44 @@ An ``nn.Sequential`` laid out like torchvision's ``Conv2dNormActivation``: ``0``
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backbone.padding import make_conv2d
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+
+class _ReLU6Inplace(torch.autograd.Function):
+    """In-place ReLU6 whose backward reads the output. ``F.relu6(x, inplace=True)`` makes autograd
+    save a clone of its input (torch.profiler shows ``aten::clone`` under every ``hardtanh_``: one
+    full copy of each activation per train step); the output gives the same mask, since
+    0 < clamp(x, 0, 6) < 6 exactly where 0 < x < 6."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clamp_(0.0, 6.0)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)
+
+
+class ReLU6(nn.ReLU6):
+    """``nn.ReLU6(inplace=True)`` without the saved copy when autograd records (same values and
+    gradients, tests/test_fast_paths.py); plain ``F.relu6`` otherwise (inference, export, compile)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.inplace and torch.is_grad_enabled() and x.requires_grad and not x.is_leaf
+                and not torch.compiler.is_compiling() and not torch.jit.is_scripting()):
+            return _ReLU6Inplace.apply(x)
+        return F.relu6(x, inplace=self.inplace)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu6": ReLU6, "relu": nn.ReLU}
 
 
 class ConvBNAct(nn.Sequential):

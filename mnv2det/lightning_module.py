@@ -116,10 +116,11 @@ class SSDLiteModule(TaskModule):
         self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        outputs = self.model(batch["images"])
-        losses = self.model.compute_loss(outputs, batch["targets"])
+        model = self.inference_model()
+        outputs = model(batch["images"])
+        losses = model.compute_loss(outputs, batch["targets"])
         self.log("val/loss", losses["loss"], sync_dist=True, batch_size=batch["images"].shape[0])
-        detections = self.model.postprocess(outputs, batch["orig_sizes"])
+        detections = model.postprocess(outputs, batch["orig_sizes"])
         self.evaluator.update(batch["image_ids"], detections)
         return {"detections": detections}  # for callbacks (backbone.training.tb_images); Lightning keeps nothing
 
@@ -165,7 +166,8 @@ class SSDLiteModule(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Per image: image_id, boxes (N, 4) xyxy original px, scores (N,), labels (N,) 1..K,
         category_ids (N,) (the dataset's ids when known)."""
-        detections = self.model.postprocess(self.model(batch["images"]), batch["orig_sizes"])
+        model = self.inference_model()
+        detections = model.postprocess(model(batch["images"]), batch["orig_sizes"])
         cat = self.meta.get("category_ids")
         lut = torch.as_tensor(cat, device=batch["images"].device) if cat else None
         out = []

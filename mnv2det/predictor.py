@@ -71,7 +71,8 @@ class CheckpointDetPredictor:
         device = next(self.module.parameters()).device
         x = torch.stack([self.transform(im, _empty_target())[0] for im in images]).to(device)
         sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int64, device=device)
-        detections = self.module.model.postprocess(self.module.model(x), sizes)
+        model = self.module.inference_model()
+        detections = model.postprocess(model(x), sizes)
         return [_keep(d, self.score_threshold) for d in detections]
 
 

@@ -79,8 +79,14 @@ class DeepLabV3(nn.Module):
         self.to(memory_format=self.memory_format)  # load_state_dict copies into these, keeping the layout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) normalised -> logits (B, K, H, W) (bilinear upsampling of the head output)."""
+        """images: (B, 3, H, W) normalised -> logits (B, K, H, W) (bilinear upsampling of the head output).
+
+        The logits are NCHW-contiguous in training (cross-entropy forward + backward over classes
+        reads NCHW ~1.7x faster) and in the model's memory format in eval (argmax over classes reads
+        NHWC ~4x faster); either way the layout is set on the small head output, before upsampling.
+        """
         feat = self.backbone(images.contiguous(memory_format=self.memory_format))[self.feature]
         logits = self.head(feat)
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-        return logits.contiguous()  # argmax / loss / MF averaging over classes read NCHW fastest
+        if self.training:
+            logits = logits.contiguous()
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)

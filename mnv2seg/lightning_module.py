@@ -97,18 +97,19 @@ class DeepLabModule(TaskModule):
 
     def predict_probs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> softmax probabilities (B, K, H, W) with the configured inference mode."""
-        return predict(self.model, images, self.inference, self.mf_scales, self.mf_flip, self.model.align_corners)
+        return predict(self.inference_model(), images, self.inference, self.mf_scales, self.mf_flip,
+                       self.model.align_corners)
 
     def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, H, W) class indices, as validation computes them (tools/predict.py)."""
         if self.inference == "single":
-            return self.model(images).argmax(1)
+            return self.inference_model()(images).argmax(1)
         return self.predict_probs(images).argmax(1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         images, masks = batch["images"], batch["masks"]
         if self.inference == "single":
-            logits = self.model(images)
+            logits = self.inference_model()(images)
             # summed on the device (no per-step sync); a fully ignored batch adds 0 / 0 pixels
             self._loss_sum += F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
             self._loss_count += (masks != IGNORE_INDEX).sum()

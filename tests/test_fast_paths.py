@@ -217,7 +217,7 @@ def test_channels_last_outputs_equal_default() -> None:
     seg_b.load_state_dict(seg_a.state_dict())
     with torch.no_grad():
         la, lb = seg_a(x), seg_b(x)
-    assert lb.is_contiguous()
+    assert lb.is_contiguous(memory_format=torch.channels_last)  # eval: the layout argmax reads fastest
     torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
 
 
@@ -249,9 +249,14 @@ def test_benchmark_tool_writes_json(tmp_path: Path, run_tool) -> None:
     proc = run_tool("benchmark.py", ["task=det", "image_size=96", "model.backbone.width_mult=0.35",
                                      "batch_size=2", "threads=1", "warmup=1", "iters=1", "repeats=2",
                                      "latency_iters=2", "coco_eval_images=20", "coco_eval_dets_per_image=10",
-                                     "onnx=false"], tmp_path / "cache", out)
+                                     "onnx=false", "profile=true", "profile_rows=3"], tmp_path / "cache", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "benchmark.json").read_text())
+    prof = result["profile"]["ours_ssdlite_mnv2"]
+    assert set(prof) == {"train_step", "eval_call"} and len(prof["train_step"]["ops"]) == 3
+    assert any(o["op"] == "aten::convolution_backward" for o in prof["train_step"]["ops"])
+    assert "profile tv_ssdlite320_mnv3 eval_call" in proc.stdout
+    assert result["machine"]["cpu_allocator"] in ("tuned", "default")
     assert set(result["models"]) == {"ours_ssdlite_mnv2", "tv_ssdlite320_mnv3"}
     ours = result["models"]["ours_ssdlite_mnv2"]
     for key in ("params", "madds", "train_img_s", "eval_img_s", "latency_ms_median", "latency_ms_p90",

@@ -13,7 +13,9 @@ Every model gets the same inputs and settings (device, threads, precision, optim
 - train step: forward + loss + backward + optimizer step (AdamW) on realistic targets (det: 1..
   ``boxes_per_image`` random boxes per image, COCO averages ~7; seg: random masks with 255 borders).
 - eval: det forward + decode + NMS (ours: ``SSDLite.postprocess``; torchvision: its eval forward,
-  which includes its transform and post-processing); seg forward + upsample + argmax.
+  which includes its transform and post-processing); seg forward + upsample + argmax. Ours runs
+  the network our evaluation and prediction run: ``TaskModule.inference_model()``, BatchNorm folded
+  into the convs (``backbone.fuse``); the peers run as torchvision ships them.
 - batch-1 latency of the whole eval call (median and p90), forward-only img/s and its efficiency
   (MAdds x 2 / time / the machine's torch.mm 2048^2 GFLOP/s on the same threads).
 - peak memory of one train step: CPU peak RSS growth (``VmHWM``, reset through
@@ -24,8 +26,9 @@ machine noise hits every model alike. Ratios ours / peer are printed with the pr
 
 Also: ONNX Runtime batch-1 latency of our exported model (``backbone.export``, when onnxruntime is
 importable), COCO scoring time pycocotools vs faster-coco-eval (det), the train loader alone
-(``loader=true``), ``precision=bf16-mixed`` / ``compile=true`` / ``model.memory_format=...`` to compare
-levers, and a README table of variants (``variants=true``).
+(``loader=true``), ``precision=bf16-mixed`` / ``compile=true`` / ``model.memory_format=...`` /
+``runtime.cpu_allocator=default`` to compare levers, torch.profiler's top ops of every model's train
+step and eval call (``profile=true``), and a README table of variants (``variants=true``).
 """
 from backbone.benchmark.run import benchmark
 

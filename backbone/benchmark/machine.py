@@ -106,3 +106,36 @@ def latencies(fn: Callable[[], Any], iters: int, device: torch.device) -> list[f
 def p90(xs: Sequence[float]) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
+
+
+# ----------------------------------------------------------------------------- profile
+def top_ops(fn: Callable[[], Any], calls: int, rows: int, device: torch.device) -> dict[str, Any]:
+    """torch.profiler over ``calls`` calls of ``fn``: the ``rows`` ops with the most self time
+    (CPU, or the device's on CUDA), per call, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    events = prof.key_averages()
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    top = sorted(events, key=self_us, reverse=True)[:rows]
+    return {"total_ms_per_call": total / 1e3 / calls, "clock": "device" if cuda else "cpu",
+            "ops": [{"op": e.key, "self_ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total,
+                     "calls_per_call": e.count / calls} for e in top]}
+
+
+def format_top_ops(title: str, prof: dict[str, Any]) -> str:
+    lines = [f"{title}: {prof['total_ms_per_call']:.1f} ms self {prof['clock'].upper()} time per call, top ops:"]
+    for o in prof["ops"]:
+        lines.append(f"  {o['op'][:44]:<44} {o['self_ms_per_call']:>8.2f} ms {100 * o['share']:>5.1f} % "
+                     f"{o['calls_per_call']:>6.0f} calls")
+    return "\n".join(lines)

@@ -16,10 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone.benchmark.machine import cpu_model, latencies, matmul_peak_gflops, p90, peak_memory, time_calls
+from backbone.benchmark.machine import (
+    cpu_model,
+    format_top_ops,
+    latencies,
+    matmul_peak_gflops,
+    p90,
+    peak_memory,
+    time_calls,
+    top_ops,
+)
 from backbone.benchmark.probes import coco_eval_speed, loader_speed, onnx_latency
 from backbone.complexity import count_madds, count_params
 from backbone.errors import ConfigError
+from backbone.runtime import applied
 from backbone.training.voc_format import IGNORE_INDEX
 
 log = logging.getLogger("mnv2.benchmark")
@@ -40,6 +50,7 @@ class Candidate:
     train_step(): one forward + loss + backward + optimizer step on the shared batch.
     eval_call(images): the whole eval call (forward + post-processing) -> anything.
     forward(images): the network alone (no post-processing), for the efficiency figure.
+    module: ours: the LightningModule (for the ONNX export); None for the peers.
     """
 
     name: str
@@ -48,6 +59,7 @@ class Candidate:
     eval_call: Callable[[torch.Tensor], Any]
     forward: Callable[[torch.Tensor], Any]
     ours: bool = False
+    module: Any = None
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,14 +124,17 @@ def _eval_wrap(model: nn.Module, fn: Callable[[torch.Tensor], Any], device: torc
     return call
 
 
-def build_our_network(model_cfg: Any) -> nn.Module:
-    """The network inside the configured LightningModule (random init: the caller sets pretrained=none)."""
+def build_our_module(model_cfg: Any, device: torch.device) -> Any:
+    """The configured LightningModule on ``device`` (random init: the caller sets pretrained=none).
+    Its ``model`` trains; its ``inference_model()`` (BatchNorm folded, backbone.fuse) evaluates, as in
+    validation, tools/evaluate.py and tools/predict.py."""
     from backbone.training.runner import build
 
-    module = build(model_cfg, "model")
-    net = getattr(module, "model", module)
-    net.lightning_module = [module]  # (in a list: not a submodule) for the exporter
-    return net
+    return build(model_cfg, "model").to(device)
+
+
+def _compiled(net: nn.Module, cfg: Any) -> Callable[..., Any]:
+    return torch.compile(net) if cfg.get("compile") else net
 
 
 def det_candidates(model_cfg: Any, cfg: Any, device: torch.device, peers: bool = True
@@ -135,8 +150,11 @@ def det_candidates(model_cfg: Any, cfg: Any, device: torch.device, peers: bool =
     targets = {k: v.to(device) for k, v in targets.items()}
     precision = str(cfg.precision)
     lr = float(cfg.lr)
-    ours = build_our_network(model_cfg).to(device)
-    net = torch.compile(ours) if cfg.get("compile") else ours  # compile=true: the network (not NMS) compiled
+    module = build_our_module(model_cfg, device)
+    ours = module.model
+    net = _compiled(ours, cfg)  # compile=true: the network (not NMS) compiled
+    infer = module.inference_model()  # weights frozen between the timed calls: built once
+    infer_net = _compiled(infer, cfg)
     sizes = torch.full((B, 2), size, device=device)
     opt = _optimizer(ours, lr)
 
@@ -144,11 +162,11 @@ def det_candidates(model_cfg: Any, cfg: Any, device: torch.device, peers: bool =
         return ours.compute_loss(net(images), targets)["loss"]
 
     def our_eval(x: torch.Tensor) -> Any:
-        return ours.postprocess(net(x), sizes[: x.shape[0]])
+        return infer.postprocess(infer_net(x), sizes[: x.shape[0]])
 
     cands = [Candidate("ours_ssdlite_mnv2", ours, _step(ours, opt, our_loss, device, precision),
-                       _eval_wrap(ours, our_eval, device, precision),
-                       _eval_wrap(ours, lambda x: net(x), device, precision), ours=True)]
+                       _eval_wrap(infer, our_eval, device, precision),
+                       _eval_wrap(infer, lambda x: infer_net(x), device, precision), ours=True, module=module)]
     if not peers:
         return cands, images
 
@@ -188,18 +206,23 @@ def seg_candidates(model_cfg: Any, cfg: Any, device: torch.device, peers: bool =
     lr = float(cfg.lr)
     cands = []
 
-    def add(name: str, net: nn.Module, fwd: Callable[[torch.Tensor], torch.Tensor], ours: bool = False) -> None:
+    def add(name: str, net: nn.Module, fwd: Callable[[torch.Tensor], torch.Tensor], ours: bool = False,
+            module: Any = None, infer: nn.Module | None = None,
+            infer_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         opt = _optimizer(net, lr)
+        infer, infer_fwd = infer or net, infer_fwd or fwd
 
         def loss() -> torch.Tensor:
             return F.cross_entropy(fwd(images).float(), masks, ignore_index=IGNORE_INDEX)
 
         cands.append(Candidate(name, net, _step(net, opt, loss, device, precision),
-                               _eval_wrap(net, lambda x: fwd(x).argmax(1), device, precision),
-                               _eval_wrap(net, fwd, device, precision), ours=ours))
+                               _eval_wrap(infer, lambda x: infer_fwd(x).argmax(1), device, precision),
+                               _eval_wrap(infer, infer_fwd, device, precision), ours=ours, module=module))
 
-    ours = build_our_network(model_cfg).to(device)
-    add("ours_deeplabv3_mnv2", ours, torch.compile(ours) if cfg.get("compile") else ours, ours=True)
+    module = build_our_module(model_cfg, device)
+    infer = module.inference_model()
+    add("ours_deeplabv3_mnv2", module.model, _compiled(module.model, cfg), ours=True, module=module, infer=infer,
+        infer_fwd=_compiled(infer, cfg))
     if not peers:
         return cands, images
     seg = torchvision.models.segmentation
@@ -263,6 +286,18 @@ def _count_fn_madds(fn: Callable[[torch.Tensor], Any], model: nn.Module, size: i
     with counter:
         fn(x)
     return int(counter.get_total_flops()) // 2
+
+
+def profile_candidates(cands: list[Candidate], images: torch.Tensor, rows: int, device: torch.device
+                       ) -> dict[str, dict[str, Any]]:
+    """Top ops by self time of every model's train step and eval call (2 calls each), printed."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in cands:
+        out[c.name] = {"train_step": top_ops(c.train_step, 2, rows, device),
+                       "eval_call": top_ops(lambda c=c: c.eval_call(images), 2, rows, device)}
+        for phase, prof in out[c.name].items():
+            print(format_top_ops(f"profile {c.name} {phase} (batch {images.shape[0]})", prof), flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -399,10 +434,11 @@ def benchmark(cfg: Any, out_dir: Path) -> dict[str, Any]:
     machine = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "torchvision": torchvision.__version__, "precision": str(cfg.precision),
-               "batch_size": int(cfg.batch_size), "input": size}
+               "batch_size": int(cfg.batch_size), "input": size,
+               "cpu_allocator": applied()["cpu_allocator"]}
     print(f"benchmark task={task}: {machine['device_name']} ({device}), {machine['threads']} threads, torch "
           f"{torch.__version__}, torchvision {torchvision.__version__}, precision {cfg.precision}, "
-          f"batch {cfg.batch_size}, input {size}", flush=True)
+          f"batch {cfg.batch_size}, input {size}, cpu_allocator {machine['cpu_allocator']}", flush=True)
     peak = matmul_peak_gflops(device)
     machine["matmul_peak_gflops"] = peak
 
@@ -426,9 +462,11 @@ def benchmark(cfg: Any, out_dir: Path) -> dict[str, Any]:
                               "model": OmegaConf.to_container(model_cfg, resolve=True),
                               "models": {c.name: c.results for c in cands}, "ratios": rat}
     ours = next(c for c in cands if c.ours)
+    if cfg.get("profile"):
+        result["profile"] = profile_candidates(cands, images, int(cfg.profile_rows), device)
     if cfg.onnx and device.type == "cpu":
         with tempfile.TemporaryDirectory() as tmp:
-            result["onnxruntime_batch1"] = onnx_latency(task, ours.model.lightning_module[0], size,
+            result["onnxruntime_batch1"] = onnx_latency(task, ours.module, size,
                                                         int(cfg.latency_iters), Path(tmp))
         o = result["onnxruntime_batch1"]
         print(f"ONNX Runtime batch-1: skipped: {o['skipped']}" if "skipped" in o else

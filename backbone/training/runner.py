@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from backbone.errors import ArgumentError, ConfigError, Mnv2Error
+from backbone.runtime import apply_runtime
 from backbone.training.datamodule import TaskDataModule
 
 log = logging.getLogger("mnv2")
@@ -113,6 +114,8 @@ def run_cli(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a tool's flow; known user errors become one ``error:`` line on stderr and exit code 2
     (no traceback). The convention of every tool in ``tools/``."""
     try:
+        if args and isinstance(args[0], DictConfig):
+            apply_runtime(args[0].get("runtime"))
         return fn(*args)
     except Mnv2Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

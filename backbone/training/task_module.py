@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from backbone.errors import ArgumentError, ConfigError, Mnv2Error
+from backbone.fuse import InferenceCopy
 from backbone.training.dataloader import restore_loader_states
 from backbone.training.optim import param_groups
 
@@ -156,6 +157,12 @@ class TaskModule(pl.LightningModule, abc.ABC):
         self._bad_step: torch.Tensor | None = None  # deferred: first global step with a non-finite loss, or -1
         self._recent_ids: deque[tuple[int, int, list[Any]]] = deque(maxlen=64)  # (step, batch_idx, ids)
         self._rng_to_restore: Mapping[str, Any] | None = None
+        self._inference_copy = InferenceCopy()
+
+    def inference_model(self) -> torch.nn.Module:
+        """``self.model`` for evaluation and prediction: eval mode, BatchNorm folded into the convs
+        (:mod:`backbone.fuse`), rebuilt when the weights change. Training uses ``self.model``."""
+        return self._inference_copy.get(self.model)
 
     # ------------------------------------------------------------------------------ optimiser
     @property

@@ -259,7 +259,7 @@ def test_benchmark_tool_writes_json(tmp_path: Path, run_tool) -> None:
     assert result["machine"]["cpu_allocator"] in ("tuned", "default")
     assert set(result["models"]) == {"ours_ssdlite_mnv2", "tv_ssdlite320_mnv3"}
     ours = result["models"]["ours_ssdlite_mnv2"]
-    for key in ("params", "madds", "train_img_s", "eval_img_s", "latency_ms_median", "latency_ms_p90",
+    for key in ("params", "madds", "bn_activations", "train_img_s", "eval_img_s", "latency_ms_median", "latency_ms_p90",
                 "forward_efficiency", "train_peak_mb"):
         assert key in ours and ours[key] == ours[key], key  # present and not NaN
     assert len(ours["train_img_s_runs"]) == 2  # one per interleaved round

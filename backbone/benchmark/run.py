@@ -275,6 +275,32 @@ def complexity(c: Candidate, size: int) -> None:
         c.results["madds"] = count_madds(model, (1, 3, size, size))
     else:  # torchvision detection models take a list: count their network like ours (transform excluded)
         c.results["madds"] = _count_fn_madds(lambda x: c.forward(x), model, size)
+    # ours' eval network has no BatchNorm left (folded): count on the training network
+    c.results["bn_activations"] = _count_bn_outputs(model, c.model if c.ours else c.forward, size)
+
+
+def _count_bn_outputs(model: nn.Module, fn: Callable[[torch.Tensor], Any], size: int) -> int:
+    """Elements written by the BatchNorm layers for one image: what each train step's BatchNorm and
+    activation passes (forward and backward) read and write, the memory-bound part of training."""
+    total = [0]
+
+    def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        total[0] += out.numel()
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_hook(hook) for m in norms]
+    was_training = model.training
+    p = next(model.parameters())
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(p.device)
+    try:
+        model.eval()
+        with torch.no_grad():
+            fn(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total[0]
 
 
 def _count_fn_madds(fn: Callable[[torch.Tensor], Any], model: nn.Module, size: int) -> int:
@@ -318,15 +344,18 @@ def ratios(task: str, cands: list[Candidate]) -> list[dict[str, Any]]:
 
 
 def format_table(cands: list[Candidate], peak: float) -> str:
-    head = (f"{'model':<22} {'params':>7} {'MAdds':>7} {'train':>8} {'eval':>8} {'fwd':>8} {'eff':>6} "
+    head = (f"{'model':<22} {'params':>7} {'MAdds':>7} {'BN act':>7} {'train':>8} {'eval':>8} {'fwd':>8} {'eff':>6} "
             f"{'lat med':>8} {'lat p90':>8} {'peak MB':>8}")
-    lines = [head, f"{'':<22} {'M':>7} {'G':>7} {'img/s':>8} {'img/s':>8} {'img/s':>8} {'%':>6} {'ms':>8} {'ms':>8}"]
+    lines = [head, f"{'':<22} {'M':>7} {'G':>7} {'M':>7} {'img/s':>8} {'img/s':>8} {'img/s':>8} {'%':>6} {'ms':>8} "
+                   f"{'ms':>8}"]
     for c in cands:
         r = c.results
-        lines.append(f"{c.name:<22} {r['params'] / 1e6:>7.2f} {r['madds'] / 1e9:>7.2f} {r['train_img_s']:>8.2f} "
+        lines.append(f"{c.name:<22} {r['params'] / 1e6:>7.2f} {r['madds'] / 1e9:>7.2f} "
+                     f"{r['bn_activations'] / 1e6:>7.2f} {r['train_img_s']:>8.2f} "
                      f"{r['eval_img_s']:>8.2f} {r['forward_img_s']:>8.2f} {100 * r['forward_efficiency']:>6.1f} "
                      f"{r['latency_ms_median']:>8.1f} {r['latency_ms_p90']:>8.1f} {r['train_peak_mb']:>8.0f}")
-    lines.append(f"(matmul peak {peak:.1f} GFLOP/s; eff = MAdds x 2 x fwd img/s / peak)")
+    lines.append(f"(matmul peak {peak:.1f} GFLOP/s; eff = MAdds x 2 x fwd img/s / peak; BN act = elements the "
+                 "BatchNorm layers write per image)")
     return "\n".join(lines)
 
 

@@ -2,10 +2,10 @@
 
 ``cpu_allocator: tuned`` sets three glibc ``malloc`` parameters. By default glibc serves every block
 above a (dynamic) threshold with a fresh ``mmap`` and hands freed memory at the top of its heap back to
-the kernel, so each training step re-faults and re-zeroes the pages of its large activations. The
-profile of the SSDLite train step showed it (the same op taking 2x longer on a fresh buffer); keeping
-the memory gave our train step 17.6 -> 21.6 img/s and left torchvision's unchanged (18.8 -> 18.3), in
-one process, 2 threads (``python tools/benchmark.py task=det cpu_allocator=...`` prints both).
+the kernel, so each training step re-faults and re-zeroes the pages of its large activations.
+Keeping the memory helps our train step far more than torchvision's: SSDLite train 0.96x
+torchvision's with ``default``, 1.21x-1.35x with ``tuned`` on the 2-core CPU (``python
+tools/benchmark.py task=det threads=2 runtime.cpu_allocator=default|tuned``; README "Speed").
 Memory stays at the run's peak instead of shrinking between steps. Other platforms and allocators
 (musl, macOS, Windows, jemalloc/tcmalloc preloaded) are left alone.
 """

@@ -25,6 +25,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     memory format. ``model`` itself is not modified.
     """
     folded = copy.deepcopy(model).eval()
+    for p in folded.parameters():
+        p.grad = None  # a copy of the last step's gradients is of no use here
     for seq in folded.modules():
         if not isinstance(seq, nn.Sequential):
             continue

@@ -255,6 +255,7 @@ def test_benchmark_tool_writes_json(tmp_path: Path, run_tool) -> None:
     prof = result["profile"]["ours_ssdlite_mnv2"]
     assert set(prof) == {"train_step", "eval_call"} and len(prof["train_step"]["ops"]) == 3
     assert any(o["op"] == "aten::convolution_backward" for o in prof["train_step"]["ops"])
+    assert prof["train_step"]["by_shape"] and all(o["shapes"] for o in prof["train_step"]["by_shape"])
     assert "profile tv_ssdlite320_mnv3 eval_call" in proc.stdout
     assert result["machine"]["cpu_allocator"] in ("tuned", "default")
     assert set(result["models"]) == {"ours_ssdlite_mnv2", "tv_ssdlite320_mnv3"}
@@ -267,6 +268,7 @@ def test_benchmark_tool_writes_json(tmp_path: Path, run_tool) -> None:
     assert result["machine"]["threads"] == 1 and result["machine"]["matmul_peak_gflops"] > 0
     assert "pycocotools_s" in result["coco_eval"]
     assert "ours / tv_ssdlite320_mnv3 train_img_s" in proc.stdout
+    assert "ours forward efficiency:" in proc.stdout and "(target >= 35 %" in proc.stdout
 
 
 def test_benchmark_tool_bad_device_is_one_line(tmp_path: Path, run_tool) -> None:

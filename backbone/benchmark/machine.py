@@ -117,7 +117,7 @@ def top_ops(fn: Callable[[], Any], calls: int, rows: int, device: torch.device) 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         sync(device)
@@ -128,9 +128,15 @@ def top_ops(fn: Callable[[], Any], calls: int, rows: int, device: torch.device) 
 
     total = sum(self_us(e) for e in events) or 1.0
     top = sorted(events, key=self_us, reverse=True)[:rows]
+    # the same ops split by input shapes: which layer an op's time goes to
+    shaped = [e for e in prof.key_averages(group_by_input_shape=True) if any(e.input_shapes)]
+    by_shape = sorted(shaped, key=self_us, reverse=True)[: max(1, rows // 2)]
     return {"total_ms_per_call": total / 1e3 / calls, "clock": "device" if cuda else "cpu",
             "ops": [{"op": e.key, "self_ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total,
-                     "calls_per_call": e.count / calls} for e in top]}
+                     "calls_per_call": e.count / calls} for e in top],
+            "by_shape": [{"op": e.key, "shapes": [list(x) for x in e.input_shapes if x][:2],
+                          "self_ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total,
+                          "calls_per_call": e.count / calls} for e in by_shape]}
 
 
 def format_top_ops(title: str, prof: dict[str, Any]) -> str:
@@ -138,4 +144,9 @@ def format_top_ops(title: str, prof: dict[str, Any]) -> str:
     for o in prof["ops"]:
         lines.append(f"  {o['op'][:44]:<44} {o['self_ms_per_call']:>8.2f} ms {100 * o['share']:>5.1f} % "
                      f"{o['calls_per_call']:>6.0f} calls")
+    lines.append("  by input shapes:")
+    for o in prof.get("by_shape", []):
+        shapes = " ".join("x".join(map(str, sh)) for sh in o["shapes"])
+        lines.append(f"  {o['op'][:30]:<30} {shapes[:44]:<44} {o['self_ms_per_call']:>8.2f} ms "
+                     f"{100 * o['share']:>5.1f} % {o['calls_per_call']:>4.0f} calls")
     return "\n".join(lines)

@@ -4,7 +4,7 @@
 above a (dynamic) threshold with a fresh ``mmap`` and hands freed memory at the top of its heap back to
 the kernel, so each training step re-faults and re-zeroes the pages of its large activations.
 Keeping the memory helps our train step far more than torchvision's: SSDLite train 0.96x
-torchvision's with ``default``, 1.01x-1.35x (median 1.21x over 8 runs) with ``tuned`` on the 2-core CPU (``python
+torchvision's with ``default``, 1.01x-1.35x (median 1.2x over 8 runs) with ``tuned`` on the 2-core CPU (``python
 tools/benchmark.py task=det threads=2 runtime.cpu_allocator=default|tuned``; README "Speed").
 Memory stays at the run's peak instead of shrinking between steps. Other platforms and allocators
 (musl, macOS, Windows, jemalloc/tcmalloc preloaded) are left alone.

@@ -1,13 +1,14 @@
 """Process-wide settings every tool applies before it runs (the ``runtime`` config group).
 
-``cpu_allocator: tuned`` sets three glibc ``malloc`` parameters. By default glibc serves every block
-above a (dynamic) threshold with a fresh ``mmap`` and hands freed memory at the top of its heap back to
-the kernel, so each training step re-faults and re-zeroes the pages of its large activations.
-Keeping the memory helps our train step far more than torchvision's: SSDLite train 0.96x
-torchvision's with ``default``, 1.01x-1.35x (median 1.2x over 8 runs) with ``tuned`` on the 2-core CPU (``python
-tools/benchmark.py task=det threads=2 runtime.cpu_allocator=default|tuned``; README "Speed").
-Memory stays at the run's peak instead of shrinking between steps. Other platforms and allocators
-(musl, macOS, Windows, jemalloc/tcmalloc preloaded) are left alone.
+``cpu_allocator: tuned`` sets three glibc ``malloc`` parameters: no ``mmap`` (every block comes
+from the heap), no trimming of the heap, and heap growth in 256 MiB steps. By default glibc serves
+each large block with a fresh ``mmap`` and hands freed memory back to the kernel, so every training
+step faults in and zeroes new pages for its large activations. Keeping the memory helps our train
+steps far more than torchvision's (they have larger activations): SSDLite train 0.91x torchvision's
+with ``default``, 1.24x-1.33x with ``tuned``; Mobile DeepLab vs LR-ASPP 1.27x vs 1.38x-1.71x, on
+the 2-core CPU (``python tools/benchmark.py task=det|seg threads=2 runtime.cpu_allocator=...``;
+README "Speed"). The price: the process keeps its peak memory instead of shrinking between steps.
+Other platforms and allocators (musl, macOS, Windows; jemalloc/tcmalloc preloaded) are left alone.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ log = logging.getLogger("mnv2")
 
 CPU_ALLOCATORS = ("tuned", "default")
 # mallopt(3) parameter numbers (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MMAP_THRESHOLD = 32 << 20   # glibc's largest accepted value on 64-bit (HEAP_MAX_SIZE / 2)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _TOP_PAD = 256 << 20         # grow the heap in 256 MiB steps
 _TRIM_THRESHOLD = 2**31 - 1  # never give the top of the heap back
 _applied: dict[str, Any] = {"cpu_allocator": "default"}
@@ -40,7 +40,7 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TOP_PAD, _TOP_PAD),
+    ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_MAX, 0), (_M_TOP_PAD, _TOP_PAD),
                                              (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
     if not ok:
         log.warning("cpu_allocator=tuned: glibc refused a mallopt setting; the allocator may be half-tuned")

@@ -2,8 +2,8 @@
 
 In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` equals one conv with
 scaled weights and a bias (the same values up to float rounding). Folding saves one full pass over
-every activation: in torch.profiler on the 2-core CPU, ``native_batch_norm`` was about a third of
-the unfolded SSDLite eval call's self time (README "Speed" has the eval img/s before and after).
+every activation (README "Speed" has the eval img/s before and after, and
+``python tools/benchmark.py task=det profile=true`` shows no BatchNorm left in our eval call).
 Training keeps the BatchNorms; :class:`InferenceCopy` rebuilds the folded copy whenever the weights
 have changed.
 """

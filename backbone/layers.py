@@ -34,7 +34,7 @@ class _ReLU6Inplace(torch.autograd.Function):
 
 class ReLU6(nn.ReLU6):
     """``nn.ReLU6(inplace=True)`` without the saved copy when autograd records (same values and
-    gradients, tests/test_fast_paths.py); plain ``F.relu6`` otherwise (inference, export, compile)."""
+    gradients, tests/test_inference_paths.py); plain ``F.relu6`` otherwise (inference, export, compile)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.inplace and torch.is_grad_enabled() and x.requires_grad and not x.is_leaf

@@ -5,7 +5,7 @@ from the heap), no trimming of the heap, and heap growth in 256 MiB steps. By de
 each large block with a fresh ``mmap`` and hands freed memory back to the kernel, so every training
 step faults in and zeroes new pages for its large activations. Keeping the memory helps our train
 steps far more than torchvision's (they have larger activations): SSDLite train 0.91x torchvision's
-with ``default``, 1.24x-1.33x with ``tuned``; Mobile DeepLab vs LR-ASPP 1.27x vs 1.38x-1.71x, on
+with ``default``, 1.18x-1.33x with ``tuned``; Mobile DeepLab vs LR-ASPP 1.27x vs 1.37x-1.71x, on
 the 2-core CPU (``python tools/benchmark.py task=det|seg threads=2 runtime.cpu_allocator=...``;
 README "Speed"). The price: the process keeps its peak memory instead of shrinking between steps.
 Other platforms and allocators (musl, macOS, Windows; jemalloc/tcmalloc preloaded) are left alone.

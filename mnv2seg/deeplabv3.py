@@ -81,9 +81,10 @@ class DeepLabV3(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) normalised -> logits (B, K, H, W) (bilinear upsampling of the head output).
 
-        The logits are NCHW-contiguous in training (cross-entropy forward + backward over classes
-        reads NCHW ~1.7x faster) and in the model's memory format in eval (argmax over classes reads
-        NHWC ~4x faster); either way the layout is set on the small head output, before upsampling.
+        The logits are NCHW-contiguous in training (cross-entropy over classes reads NCHW faster)
+        and in the model's memory format in eval (argmax over classes reads NHWC faster: README
+        "Speed", from the seg profile); either way the layout is set on the small head output,
+        before upsampling.
         """
         feat = self.backbone(images.contiguous(memory_format=self.memory_format))[self.feature]
         logits = self.head(feat)

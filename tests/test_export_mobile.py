@@ -1,12 +1,13 @@
 """TFLite (LiteRT) and ExecuTorch export: parity in the real runtimes (ai-edge-litert's interpreter;
 executorch.runtime with XNNPACK) with PyTorch, each test run for both formats.
 
-Small random-weight models (conversion dominates: ~40-120 s on a busy 2-core machine, hence ``slow``):
+Small random-weight detectors (conversion dominates: ~40-120 s on a busy 2-core machine, hence ``slow``):
 detection with the static-shape NMS inside gives the detections of mnv2det.postprocess.PostProcessor
 (same count, labels; IoU > 0.99; scores within 1e-3) on several images, raw detection outputs within
-1e-3 (also for a batch larger than one runtime call), segmentation logits within 1e-3 and the argmax
-mask equal on >= 99.9 % of pixels; the contract travels in the file. A format whose converter or
-runtime is not installed is skipped (tests/conftest.py makes that a failure in CI).
+1e-3 (also for a batch larger than one runtime call); on the session's trained seg model
+(tests/conftest.py), segmentation logits within 1e-3 and the argmax mask equal on >= 99.9 % of pixels;
+the contract travels in the file. A format whose converter or runtime is not installed is skipped
+(tests/conftest.py makes that a failure in CI).
 """
 from __future__ import annotations
 
@@ -54,22 +55,6 @@ def _det_ckpt(K: int = 3, size: int = 96) -> dict:
     return {"state_dict": module.state_dict(), "mnv2": info}
 
 
-def _seg_ckpt() -> dict:
-    from backbone.training.checkpoint import run_info
-    from mnv2seg.lightning_module import DeepLabModule
-
-    torch.manual_seed(0)
-    cfg = {"_target_": "mnv2seg.lightning_module.DeepLabModule", "num_classes": 5,
-           "backbone": {"width_mult": 0.35, "pretrained": "none", "output_stride": 16}, "align_corners": True}
-    module = DeepLabModule(**{k: v for k, v in cfg.items() if k != "_target_"}).eval()
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    info = run_info("seg", {"model": cfg, "data": {"eval_size": 65}}, {"class_names": [f"c{i}" for i in range(5)]})
-    return {"state_dict": module.state_dict(), "mnv2": info}
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (4, 3, 96, 96)).astype(np.float32)
@@ -114,26 +99,32 @@ def test_det_raw_outputs_match(tmp_path, images, fmt):
         assert np.abs(many[name][-1] - out[name][0]).max() < 1e-5, name
 
 
-def test_seg_logits_and_mask_match(tmp_path, fmt):
+def test_seg_logits_and_mask_match(tmp_path, fmt, trained_seg):
+    """On the session's seg model trained to predict several classes (tests/conftest.py) and the synthetic
+    val images padded as the eval pipeline pads them (a random model answers nearly the same whatever its
+    input, so a swapped channel or a flipped align_corners would pass on it)."""
     FMT, SUFFIX, export = fmt
+    from backbone.export.metadata import prepare_image
     from mnv2seg.inference import predict
 
-    ckpt = _seg_ckpt()
+    ckpt = trained_seg["ckpt"]
     wrapper, example, meta = prepare(ckpt, argmax=False)
     logits_model = load_exported(export(wrapper, example, meta, tmp_path / f"seg{SUFFIX}"))
     mask_wrapper, example, meta = prepare(ckpt, argmax=True)
     mask_model = load_exported(export(mask_wrapper, example, meta, tmp_path / f"mask{SUFFIX}"))
     assert mask_model.metadata["format"] == FMT and mask_model.metadata["resize"] == "pad"
-    images = np.random.default_rng(1).uniform(0, 255, (3, 3, 65, 65)).astype(np.float32)
+    images = np.stack([prepare_image(im, mask_model.metadata) for im in trained_seg["val_images"]])
     model = wrapper.model
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (meta["normalize"]["mean"], meta["normalize"]["std"]))
     x = (torch.from_numpy(images) / 255 - mean) / std
     with torch.no_grad():
         ref_logits = model.head(model.backbone(x)[model.feature]).numpy()
     ref_mask = predict(model, x).argmax(1).numpy()
+    assert (np.bincount(ref_mask.ravel(), minlength=7) >= 0.02 * ref_mask.size).sum() >= 3  # the check has power
     out = logits_model(images)["logits"]
     assert out.shape == ref_logits.shape
     assert np.abs(out - ref_logits).max() < 1e-3
+    size = trained_seg["eval_size"]
     mask = mask_model(images)["mask"]
-    assert mask.shape == (3, 65, 65) and mask.dtype == np.int64
+    assert mask.shape == (len(images), size, size) and mask.dtype == np.int64
     assert (mask == ref_mask).mean() >= 0.999

@@ -18,11 +18,15 @@ pytestmark = pytest.mark.slow  # an int8 ONNX export + calibration each (fp32 ex
 
 CALIBRATION = ("chelsea", "rocket", "immunohistochemistry")
 EVAL = ("astronaut", "camera", "coffee", "hubble_deep_field", "cat")
-# seg bound (checked on the 4 synthetic val images): int8 and fp32 masks agree on >= 65 % of all pixels and on
-# >= 98 % of the pixels where fp32's top-2 logit margin is >= 2. The tiny model (width 0.35, 40 training steps)
-# has small margins (median ~0.65) and its int8 logits move by ~0.4 on average, mostly from the per-tensor
-# activation quantisation of the first half of the network, so low-margin pixels flip; measured: 0.727 / 0.996.
-SEG_INT8_AGREEMENT = 0.65
+# seg bound (on the 4 synthetic val images): int8 and fp32 masks agree on >= 98 % of the pixels where fp32's
+# top-2 logit margin is >= 2 (>= 5 % of the pixels are such), and on >= 50 % of all pixels (a wrong calibration
+# or scale gives about 1 / 7). The tiny model (width 0.35, a few hundred steps on 8 images, its classifier bias
+# raised so that every class wins somewhere: tests/conftest.py) has small margins, and its int8 logits move
+# mostly from the per-tensor activation quantisation of the first half of the network, so low-margin pixels
+# flip: the all-pixel share is the model's, not the exporter's (measured 0.73 and 0.67 on two fixtures), hence
+# the confident-pixel bound carries the check.
+SEG_INT8_AGREEMENT = 0.5
+SEG_INT8_CONFIDENT_SHARE = 0.05
 SEG_INT8_MARGIN = 2.0
 SEG_INT8_CONFIDENT_AGREEMENT = 0.98
 
@@ -107,6 +111,7 @@ def test_int8_seg_masks_close_to_fp32(trained_seg, trained_seg_onnx, tmp_path):
     b = int8(images)["mask"]
     counts = np.bincount(a.ravel(), minlength=7)
     assert (counts >= 0.02 * a.size).sum() >= 3, counts  # not one class everywhere: the bound means something
+    assert (margin >= SEG_INT8_MARGIN).mean() >= SEG_INT8_CONFIDENT_SHARE  # enough confident pixels to judge
     agree, confident = (a == b).mean(), (a == b)[margin >= SEG_INT8_MARGIN].mean()
     print(f"seg int8 vs fp32 masks agree on {agree:.4f} of the pixels, {confident:.4f} of those with fp32 margin "
           f">= {SEG_INT8_MARGIN} ({(margin >= SEG_INT8_MARGIN).mean():.3f} of the pixels)")

@@ -6,7 +6,7 @@
     boxes (B, D, 4) xyxy in input pixels, scores (B, D), labels (B, D) int64 1..K (padding 0),
     num_detections (B,) int64                                     D = postprocess.max_detections
 
-Decode, score conversion, the pre-NMS top-k cap and the clip are plain tensor ops; the class-wise
+Decode, score conversion and the clip are plain tensor ops; the pre-NMS top-k cap, the class-wise
 NMS, the clip/drop of empty boxes after it and the per-image top D are one custom op,
 ``torch.ops.mnv2.multiclass_nms``. Its eager kernel is the PostProcessor's own code (the reference);
 :func:`multiclass_nms_onnx` lowers it to ONNX ``NonMaxSuppression`` (per image, per class, exact
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbone.errors import ArgumentError
+from backbone.export.layout import MOBILE_DET_OUTPUTS, check_layout, example_input, images_to_nchw
 from mnv2det.postprocess import batched_nms_single_call, convert_scores
 from mnv2det.ssdlite import SSDLite
 
@@ -32,16 +34,18 @@ RAW_OUTPUTS = ("cls_logits", "bbox_regression", "anchors")
 
 @torch.library.custom_op("mnv2::multiclass_nms", mutates_args=())
 def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: float, height: float, iou_threshold: float,
-                   score_threshold: float, max_detections: int
+                   score_threshold: float, max_detections: int, pre_nms_top_k: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class-wise greedy NMS per image, then clip, drop empty boxes, keep the top ``max_detections``.
+    """Pre-NMS top-k, class-wise greedy NMS per image, then clip, drop empty boxes, keep the top ``max_detections``.
 
-    boxes: (B, N, 4) xyxy (unclipped), scores: (B, K, N) (a candidate needs score >= score_threshold).
+    boxes: (B, N, 4) xyxy (unclipped), scores: (B, K, N): a candidate needs score >= score_threshold and,
+    with ``pre_nms_top_k`` > 0, a place among the image's top ``pre_nms_top_k`` (anchor, class) scores.
     Returns boxes (B, D, 4) clipped to [0, width] x [0, height], scores (B, D), labels (B, D) int64
     1..K, num_detections (B,) int64; rows past num_detections are 0, kept rows sorted by score.
     """
     B, K, N = scores.shape
     D = int(max_detections)
+    scores = cap_candidates(scores, pre_nms_top_k)
     b, k, n = (scores >= score_threshold).nonzero(as_tuple=True)
     cand_boxes, cand_scores = boxes[b, n].float(), scores[b, k, n].float()
     kept = batched_nms_single_call(cand_boxes, cand_scores, b * K + k, iou_threshold)
@@ -65,18 +69,29 @@ def multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: float, heig
     return out_boxes, out_scores, out_labels, counts.clamp(max=D)
 
 
+def cap_candidates(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """scores (B, K, N) with every entry outside the image's top ``top_k`` (ranked anchor-major, as the
+    PostProcessor ranks them) set to -1, never kept; ``top_k`` <= 0 or >= K * N: unchanged."""
+    B, K, N = scores.shape
+    if top_k <= 0 or top_k >= K * N:
+        return scores
+    flat = scores.transpose(1, 2).reshape(B, N * K)
+    top, idx = flat.topk(int(top_k), dim=1)
+    return torch.full_like(flat, -1.0).scatter(1, idx, top).reshape(B, N, K).transpose(1, 2)
+
+
 @multiclass_nms.register_fake
-def _(boxes, scores, width, height, iou_threshold, score_threshold, max_detections):
+def _(boxes, scores, width, height, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
     B, D = boxes.shape[0], int(max_detections)
     return (boxes.new_empty(B, D, 4), scores.new_empty(B, D), boxes.new_empty(B, D, dtype=torch.int64),
             boxes.new_empty(B, dtype=torch.int64))
 
 
 def multiclass_nms_onnx(boxes: Any, scores: Any, width: float, height: float, iou_threshold: float,
-                        score_threshold: float, max_detections: int) -> tuple[Any, Any, Any, Any]:
+                        score_threshold: float, max_detections: int, pre_nms_top_k: int) -> tuple[Any, Any, Any, Any]:
     """ONNX lowering of ``mnv2::multiclass_nms`` (onnxscript, opset 18).
 
-    NonMaxSuppression keeps ``score > threshold`` where the eager op keeps ``>=``: it gets the float32
+    The cap is :func:`cap_candidates` as TopK + ScatterElements. NonMaxSuppression keeps ``score > threshold`` where the eager op keeps ``>=``: it gets the float32
     just below the threshold. Its per-class cap is N (every box), so no survivor is lost before the
     clip; the per-image top D is a TopK over a (B, M + D) matrix (-inf off the image, D -inf pads
     so that K = D always fits).
@@ -84,6 +99,14 @@ def multiclass_nms_onnx(boxes: Any, scores: Any, width: float, height: float, io
     from onnxscript import opset18 as op
 
     D = int(max_detections)
+    if pre_nms_top_k > 0:
+        flat = op.Reshape(op.Transpose(scores, perm=[0, 2, 1]), op.Constant(value_ints=[0, -1]))  # (B, N * K)
+        k = op.Min(op.Constant(value_ints=[int(pre_nms_top_k)]), op.Shape(flat, start=1, end=2))
+        top, idx = op.TopK(flat, k, axis=1, largest=1, sorted=1)
+        capped = op.ScatterElements(op.Expand(op.Constant(value_float=-1.0), op.Shape(flat)), idx, top, axis=1)
+        bnk = op.Concat(op.Shape(scores, start=0, end=1), op.Shape(scores, start=2, end=3),
+                        op.Shape(scores, start=1, end=2), axis=0)
+        scores = op.Transpose(op.Reshape(capped, bnk), perm=[0, 2, 1])  # (B, K, N) again
     n_boxes = op.Shape(boxes, start=1, end=2)
     thr = float(np.nextafter(np.float32(score_threshold), np.float32(-np.inf)))
     sel = op.NonMaxSuppression(boxes, scores, n_boxes, op.Constant(value_floats=[float(iou_threshold)]),
@@ -120,35 +143,43 @@ def multiclass_nms_onnx(boxes: Any, scores: Any, width: float, height: float, io
 class DetectionExport(nn.Module):
     """SSDLite + normalisation (+ post-processing) for export.
 
-    images: (B, 3, H, W) float32 RGB 0..255 at the model's input size ->
-        nms=True: boxes (B, D, 4) xyxy input px, scores (B, D), labels (B, D) int64, num_detections (B,) int64;
+    images: (B, 3, H, W) float32 RGB 0..255 at the model's input size (``layout="mobile"``: (B, H, W, 3),
+    float32 or uint8, :mod:`backbone.export.layout`) ->
+        nms=True: boxes (B, D, 4) xyxy input px, scores (B, D), labels (B, D) int64, num_detections (B,) int64
+        (mobile: locations (B, D, 4) normalised yxyx, classes (B, D) float 0-based, scores (B, D), count (B,) float);
         nms=False: cls_logits (B, A, K+1), bbox_regression (B, A, 4) (codes in box_code_order), anchors (A, 4)
         normalised xyxy.
+    ``pre_nms_top_k``: the candidate cap before NMS (None: the model's postprocess.pre_nms_top_k).
     """
 
-    def __init__(self, model: SSDLite, nms: bool = True) -> None:
+    def __init__(self, model: SSDLite, nms: bool = True, layout: str = "nchw", input_dtype: str = "float32",
+                 pre_nms_top_k: int | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.nms = bool(nms)
+        self.layout, self.input_dtype = check_layout(layout, input_dtype)
+        top_k = model.postprocessor.pre_nms_top_k if pre_nms_top_k is None else pre_nms_top_k
+        if top_k is not None and int(top_k) < 1:
+            raise ArgumentError("pre_nms_top_k", f"must be >= 1 or null, got {top_k}", "e.g. pre_nms_top_k=1000")
+        self.pre_nms_top_k = 0 if top_k is None else int(top_k)  # 0: every candidate
         self.input_size = tuple(model.image_size)
         self.register_buffer("mean", torch.tensor(model.normalize_mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(model.normalize_std).view(1, 3, 1, 1) * 255)
         with torch.no_grad():  # anchors depend only on the input size: a constant of the graph
             anchors = model(torch.zeros(1, 3, *self.input_size))["anchors"]
         self.register_buffer("anchors", anchors)
-        self.output_names = NMS_OUTPUTS if self.nms else RAW_OUTPUTS
+        mobile = self.layout == "mobile"
+        self.output_names = (MOBILE_DET_OUTPUTS if mobile else NMS_OUTPUTS) if self.nms else RAW_OUTPUTS
 
     def onnx_translations(self) -> dict[Any, Any]:
         return {torch.ops.mnv2.multiclass_nms.default: multiclass_nms_onnx}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = (images - self.mean) / self.std
+        x = (images_to_nchw(images, self.layout) - self.mean) / self.std
         cls_logits, bbox_regression = self.model.head(self.model.extract_features(x))
         if not self.nms:
             return cls_logits, bbox_regression, self.anchors.clone()
         pp = self.model.postprocessor
-        B, A, C = cls_logits.shape
-        K = C - 1
         h, w = self.input_size
         scores = convert_scores(cls_logits, pp.score_converter)  # (B, A, K)
         boxes = pp.box_coder.decode(bbox_regression.float(), self.anchors) * torch.tensor(
@@ -158,22 +189,29 @@ class DetectionExport(nn.Module):
             boxes = torch.minimum(boxes.clamp(min=0), bound)
             nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
             scores = scores.masked_fill(~nonempty[..., None], -1.0)
-        flat = scores.reshape(B, A * K)
-        if pp.pre_nms_top_k is not None and pp.pre_nms_top_k < A * K:
-            top, idx = flat.topk(pp.pre_nms_top_k, dim=1)  # candidates outside the top k get -1: never kept
-            flat = torch.full_like(flat, -1.0).scatter(1, idx, top)
-        scores = flat.reshape(B, A, K).transpose(1, 2).contiguous()  # (B, K, A)
-        return torch.ops.mnv2.multiclass_nms(boxes, scores, float(w), float(h), pp.nms_iou,
-                                             max(pp.score_threshold, 0.0), pp.max_detections)
+        # the pre-NMS cap is inside the op: a static NMS takes its own top-k, a scatter here would cost
+        # LiteRT a STABLEHLO_SCATTER (a second subgraph; TFLite >= 2.15 only)
+        out = torch.ops.mnv2.multiclass_nms(boxes, scores.transpose(1, 2).contiguous(), float(w), float(h),
+                                            pp.nms_iou, max(pp.score_threshold, 0.0), pp.max_detections,
+                                            self.pre_nms_top_k)
+        if self.layout != "mobile":
+            return out
+        det_boxes, det_scores, labels, num = out
+        x1, y1, x2, y2 = det_boxes.unbind(-1)
+        locations = torch.stack([y1 / h, x1 / w, y2 / h, x2 / w], dim=-1)
+        classes = (labels - 1).clamp(min=0).to(torch.float32)
+        return locations, classes, det_scores, num.to(torch.float32)
 
 
-def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True
+def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True, layout: str = "nchw",
+                 input_dtype: str = "float32", pre_nms_top_k: int | None = None
                  ) -> tuple[DetectionExport, torch.Tensor, dict[str, Any]]:
     """(wrapper, example input, metadata) of an SSDLiteModule loaded from a checkpoint."""
     from backbone.export.metadata import make_metadata
 
     model: SSDLite = module.model
-    wrapper = DetectionExport(model, nms=nms).eval()
+    wrapper = DetectionExport(model, nms=nms, layout=layout, input_dtype=input_dtype,
+                              pre_nms_top_k=pre_nms_top_k).eval()
     pp = model.postprocessor
     K = model.num_classes
     names = list(meta.get("class_names") or [f"class_{i}" for i in range(1, K + 1)])
@@ -181,9 +219,9 @@ def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True
         "det", wrapper.input_size, getattr(module, "resize", "cv2_linear"), model.normalize_mean, model.normalize_std,
         names, wrapper.output_names, nms=nms, category_ids=meta.get("category_ids"),
         postprocess={"score_threshold": pp.score_threshold, "nms_iou": pp.nms_iou, "max_detections": pp.max_detections,
-                     "pre_nms_top_k": pp.pre_nms_top_k, "score_converter": pp.score_converter,
+                     "pre_nms_top_k": wrapper.pre_nms_top_k or None, "score_converter": pp.score_converter,
                      "clip_before_nms": pp.clip_before_nms, "box_coder_weights": list(pp.box_coder.weights),
                      "box_code_order": pp.box_coder.order},
-        anchors_output=not nms, num_classes=K)
-    example = torch.rand(1, 3, *wrapper.input_size) * 255
+        anchors_output=not nms, num_classes=K, layout=layout, input_dtype=input_dtype)
+    example = example_input(1, wrapper.input_size, layout, input_dtype)
     return wrapper, example, metadata

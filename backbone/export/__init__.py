@@ -43,10 +43,12 @@ FORMATS = ("onnx", "tflite", "executorch")
 SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite", "executorch": ".pte"}
 
 
-def prepare(ckpt: dict[str, Any], *, nms: bool = True, argmax: bool = False,
-            input_size: Any = None) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
-    """(wrapper in eval mode, example (1, 3, H, W) input, metadata without format/int8) of a loaded checkpoint
-    (:func:`backbone.training.checkpoint.load_checkpoint`)."""
+def prepare(ckpt: dict[str, Any], *, nms: bool = True, argmax: bool = False, input_size: Any = None,
+            layout: str = "nchw", input_dtype: str = "float32", pre_nms_top_k: int | None = None
+            ) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+    """(wrapper in eval mode, example input, metadata without format/int8) of a loaded checkpoint
+    (:func:`backbone.training.checkpoint.load_checkpoint`). ``layout`` / ``input_dtype``: see
+    :mod:`backbone.export.layout`; ``pre_nms_top_k`` (det): the candidate cap, None = the model's."""
     from hydra.utils import instantiate
 
     info = ckpt["mnv2"]
@@ -67,11 +69,13 @@ def prepare(ckpt: dict[str, Any], *, nms: bool = True, argmax: bool = False,
     if task == "det":
         from mnv2det.export import build_export
 
-        return build_export(module, meta, nms=nms)
+        return build_export(module, meta, nms=nms, layout=layout, input_dtype=input_dtype,
+                            pre_nms_top_k=pre_nms_top_k)
     if task == "seg":
         from mnv2seg.export import build_export
 
-        return build_export(module, meta, info["config"].get("data") or {}, argmax=argmax, input_size=input_size)
+        return build_export(module, meta, info["config"].get("data") or {}, argmax=argmax, input_size=input_size,
+                            layout=layout, input_dtype=input_dtype)
     raise DataError("ckpt_path", f"unknown task {task!r} in the checkpoint", "export det or seg checkpoints")
 
 

@@ -4,7 +4,9 @@
       "mnv2_export": 1,
       "task": "det" | "seg",
       "format": "onnx" | "tflite" | "executorch",
-      "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0, 255], "color": "RGB"},
+      "layout": "nchw" | "mobile",    # backbone.export.layout: mobile = NHWC input, phone clients' outputs
+      "input": {"name": "images", "layout": "NCHW" | "NHWC", "dtype": "float32" | "uint8", "range": [0, 255],
+                "color": "RGB"},
       "input_size": [H, W],           # the exported graph's spatial size (batch is dynamic)
       "resize": "cv2_linear" | "tf_bilinear" | "pad",   # how the eval pipeline brings an image to input_size
                                       # ("pad": seg, bottom/right to input_size with pad_value)
@@ -14,7 +16,8 @@
       "category_ids": [...] | null,   # det: dataset category id of label k at index k - 1
       "palette": [[r, g, b], ...] | null,       # seg
       "nms": bool, "argmax": bool, "int8": bool,
-      "outputs": [...],               # output names in order
+      "outputs": [...],               # the file's output names in order (the loaders return the nchw
+                                      # contract's: boxes/scores/labels/num_detections, logits, mask, ...)
       "postprocess": {...} | null,    # det: score_threshold, nms_iou, pre_nms_top_k, max_detections, ...
       "anchors_output": bool,         # det nms=false: anchors (A, 4) normalised xyxy are an output
       "output_stride", "align_corners", "num_classes", "inference": "single",   # seg: logits stride, the
@@ -36,14 +39,15 @@ VERSION = 1
 def make_metadata(task: str, input_size: Sequence[int], resize: str, mean: Sequence[float], std: Sequence[float],
                   class_names: Sequence[str], outputs: Sequence[str], *, nms: bool = False, argmax: bool = False,
                   category_ids: Sequence[int] | None = None, palette: Any = None, pad_value: Any = None,
-                  postprocess: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+                  postprocess: dict[str, Any] | None = None, layout: str = "nchw", input_dtype: str = "float32",
+                  **extra: Any) -> dict[str, Any]:
     """The contract dict (``format`` and ``int8`` are set by the exporter)."""
+    from backbone.export.layout import input_spec
     from backbone.training.checkpoint import versions
 
     return {
         "mnv2_export": VERSION, "task": task, "format": None,
-        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0, 255], "color": "RGB"},
-        "input_size": [int(s) for s in input_size], "resize": resize,
+        "layout": layout, "input": input_spec(layout, input_dtype), "input_size": [int(s) for s in input_size], "resize": resize,
         "pad_value": None if pad_value is None else [float(v) for v in pad_value],
         "normalize": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
         "class_names": [str(n) for n in class_names],

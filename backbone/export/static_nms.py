@@ -7,8 +7,11 @@ while_loop"; executorch 1.5.1 "InternalError: Unsupported control flow operator:
 the exporters swap the custom op for :func:`static_multiclass_nms` (a decomposition applied to the
 torch.export program, :func:`decompose_nms`), which needs only fixed shapes:
 
-1. the top ``T = pre_nms_top_k`` (anchor, class) candidates per image (the wrapper has already set
-   every score outside that top-k to -1, so no candidate of the reference is lost);
+1. the top ``T = pre_nms_top_k`` (anchor, class) candidates per image: the op's own cap, taken here
+   by the one top-k the static form needs anyway (no scatter: LiteRT would lower it to
+   ``STABLEHLO_SCATTER``, a second subgraph that MediaPipe refuses and TFLite < 2.15 cannot run);
+   a model that keeps every candidate (``pre_nms_top_k: null``, e.g. an imported TF graph) gets
+   ``DEFAULT_TOP_K``;
 2. the (B, T, T) suppression matrix ``sup[i, j]``: same class, i ranked above j, IoU > threshold (IoU
    computed as torchvision's nms does);
 3. greedy NMS as the fixpoint of ``keep[j] = valid[j] and not any(keep[i] and sup[i, j])``, iterated
@@ -24,11 +27,18 @@ rare). The default ``min(T, 2 D + 16)`` is exact for E <= 7, and ``T`` iteration
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from backbone.errors import ArgumentError
+
+log = logging.getLogger("mnv2")
+
+
+#: the candidate count for models whose postprocess keeps every candidate (torchvision's SSD default)
+DEFAULT_TOP_K = 1000
 
 
 def default_iterations(top_k: int, max_detections: int) -> int:
@@ -41,8 +51,8 @@ def static_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: floa
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``torch.ops.mnv2.multiclass_nms`` (:mod:`mnv2det.export`), fixed shapes only.
 
-    boxes: (B, N, 4) xyxy unclipped; scores: (B, K, N), at most ``top_k`` entries per image >= the
-    threshold. Returns boxes (B, D, 4) clipped, scores (B, D), labels (B, D) int64 1..K (0 pad),
+    boxes: (B, N, 4) xyxy unclipped; scores: (B, K, N), of which the image's top ``top_k`` are the
+    candidates (the op's pre-NMS cap; equal to the eager op's up to the order of exact ties). Returns boxes (B, D, 4) clipped, scores (B, D), labels (B, D) int64 1..K (0 pad),
     num_detections (B,) int64; kept rows first, by decreasing score.
     """
     B, K, N = scores.shape
@@ -92,18 +102,21 @@ def static_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: floa
 def nms_settings(module: torch.nn.Module, iterations: int | None) -> dict[str, Any] | None:
     """``{top_k, iterations}`` for a detection wrapper with NMS inside, None for any other module.
 
-    Raises :class:`ArgumentError` when the model keeps every candidate (``pre_nms_top_k: null``): the
-    static NMS needs a fixed candidate count.
+    The candidate count is the wrapper's ``pre_nms_top_k``; a wrapper that keeps every candidate gets
+    :data:`DEFAULT_TOP_K` (logged: its detections can differ from PyTorch's uncapped ones only where a
+    box ranked below that many candidates survives NMS among the top ``max_detections``).
     """
     model = getattr(module, "model", None)
     pp = getattr(model, "postprocessor", None)
     if not getattr(module, "nms", False) or pp is None:
         return None
-    if pp.pre_nms_top_k is None:
-        raise ArgumentError("nms", "needs the model's postprocess.pre_nms_top_k (a fixed candidate count) in this "
-                            "format, got null", "export with nms=false, or train/evaluate with pre_nms_top_k set")
+    top_k = int(getattr(module, "pre_nms_top_k", 0) or 0)
+    if top_k <= 0:
+        top_k = DEFAULT_TOP_K
+        log.warning("the model keeps every pre-NMS candidate (postprocess.pre_nms_top_k: null); the static NMS "
+                    "takes the top %d per image (pre_nms_top_k=N to choose)", top_k)
     A = int(module.anchors.shape[0])
-    T = int(min(pp.pre_nms_top_k, A * model.num_classes))
+    T = int(min(top_k, A * model.num_classes))
     if iterations is not None and int(iterations) < 1:
         raise ArgumentError("nms_iterations", f"must be >= 1, got {iterations}",
                             f"leave it unset (default {default_iterations(T, pp.max_detections)})")
@@ -115,7 +128,7 @@ def decompose_nms(program: torch.export.ExportedProgram, top_k: int, iterations:
     """``program`` with ``mnv2::multiclass_nms`` replaced by :func:`static_multiclass_nms`."""
     import mnv2det.export  # noqa: F401 -- registers the op
 
-    def impl(boxes, scores, width, height, iou_threshold, score_threshold, max_detections):
+    def impl(boxes, scores, width, height, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
         return static_multiclass_nms(boxes, scores, width, height, iou_threshold, score_threshold, max_detections,
                                      top_k=top_k, iterations=iterations)
 

@@ -7,7 +7,9 @@ downcasts int64 to int32 (``enable_x64=False``, what on-device runtimes support)
 labels / num_detections / mask back to int64, as the contract says.
 
 The metadata JSON is in the flatbuffer's own ``metadata`` table (name ``mnv2``), so the file is
-self-contained. See :mod:`backbone.export` for the common signature.
+self-contained. A mobile-layout file (:mod:`backbone.export.layout`, the tool's default for this
+format) also carries the TFLite Support metadata that MediaPipe and the Task Library read
+(:mod:`backbone.export.tflite_support`). See :mod:`backbone.export` for the common signature.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from backbone.errors import ArgumentError
+from backbone.export.layout import from_mobile, to_file_input
 from backbone.export.metadata import METADATA_KEY, decode, encode
 
 log = logging.getLogger(__name__)
@@ -56,13 +59,65 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
     meta = {**metadata, "format": "tflite", "int8": False, "batch": 1}
     if nms is not None:
         meta["static_nms"] = nms
-    output.write_bytes(add_metadata(edge.model_content(), encode(meta)))
+    content = edge.model_content()
+    if meta.get("layout") == "mobile":
+        content = order_output_tensors(content)
+    content = add_metadata(content, encode(meta))
+    if meta.get("layout") == "mobile":
+        content = _with_support_metadata(content, meta)
+    output.write_bytes(content)
     return output
+
+
+def _with_support_metadata(content: bytes, meta: dict[str, Any]) -> bytes:
+    from backbone.export import tflite_support
+
+    if not tflite_support.available():
+        log.warning("mediapipe is not installed: the file has no TFLite Support metadata, so MediaPipe and the "
+                    "Task Library will refuse it (pip install -e '.[export]')")
+        return content
+    try:
+        return tflite_support.add_support_metadata(content, meta)
+    except ValueError as e:
+        log.warning("no TFLite Support metadata written: %s", e)
+        return content
 
 
 def _expand_by_add(x: torch.Tensor, size: list[int], implicit: bool = False) -> torch.Tensor:
     shape = [x.shape[i - (len(size) - x.dim())] if s == -1 else s for i, s in enumerate(size)]
     return x + torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+def order_output_tensors(model: bytes) -> bytes:
+    """``model`` with its subgraph's tensors renumbered so that the outputs' tensor indices increase in
+    output order. The TFLite Support writers and TF's detection post-processing convention give
+    the output roles by tensor index (location, category, score, count: the ports of
+    ``TFLITE_DETECTION_POST_PROCESS``), whereas the converter numbers tensors as it meets them."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    if len(m.subgraphs) != 1:
+        raise ValueError(f"expected one subgraph, found {len(m.subgraphs)}")
+    sg = m.subgraphs[0]
+    old = [int(i) for i in sg.outputs]
+    if old == sorted(old):
+        return model
+    new_of = dict(zip(old, sorted(old)))  # a permutation of the output tensors' indices only
+    renumber = lambda idx: None if idx is None else [new_of.get(int(i), int(i)) for i in idx]  # noqa: E731
+    tensors = list(sg.tensors)
+    for o, n in new_of.items():
+        tensors[n] = sg.tensors[o]
+    sg.tensors = tensors
+    for op in sg.operators:
+        op.inputs, op.outputs, op.intermediates = renumber(op.inputs), renumber(op.outputs), renumber(op.intermediates)
+    sg.inputs, sg.outputs = renumber(sg.inputs), renumber(sg.outputs)
+    for sig in m.signatureDefs or []:
+        for t in (sig.inputs or []) + (sig.outputs or []):
+            t.tensorIndex = new_of.get(int(t.tensorIndex), int(t.tensorIndex))
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def add_metadata(model: bytes, text: str, name: str = METADATA_KEY) -> bytes:
@@ -115,8 +170,9 @@ class TFLiteModel:
         self.output_keys = dict(zip(self.metadata["outputs"], keys))
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """images: (B, 3, H, W) float32 RGB 0..255 -> {output name: array} (int outputs as int64)."""
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        """images: (B, 3, H, W) float32 RGB 0..255 -> {name: array} (int outputs as int64), in the nchw
+        contract's names and forms whatever the file's layout."""
+        images = to_file_input(images, self.metadata)
         per_image = [self.runner(**{self.input_name: images[i:i + 1]}) for i in range(len(images))]
         out = {}
         for name, key in self.output_keys.items():
@@ -125,7 +181,7 @@ class TFLiteModel:
                 continue
             batched = np.concatenate([r[key] for r in per_image])
             out[name] = batched.astype(np.int64) if np.issubdtype(batched.dtype, np.integer) else batched
-        return out
+        return from_mobile(out, self.metadata)
 
 
 def load(path: str | Path) -> TFLiteModel:

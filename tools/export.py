@@ -24,7 +24,9 @@ from backbone.training.runner import build, output_dir, run_cli
 
 log = logging.getLogger("mnv2")
 #: export settings that are top-level keys of conf/export.yaml (the rest are format options.*)
-TOP_LEVEL_KEYS = ("int8", "nms", "argmax", "input_size")
+TOP_LEVEL_KEYS = ("int8", "nms", "argmax", "input_size", "layout", "input_dtype", "pre_nms_top_k")
+#: the layout a format gets when ``layout: null``: phone clients read TFLite files (backbone/export/layout.py)
+DEFAULT_LAYOUT = {"tflite": "mobile"}
 
 
 def _datamodule(cfg: DictConfig, info: dict) -> object:
@@ -51,9 +53,17 @@ def export(cfg: DictConfig) -> Path:
     fmt = str(cfg.format)
     mod = format_module(fmt)
     int8, evaluate = bool(cfg.int8), bool(cfg.evaluate)
-    module, example, meta = prepare(ckpt, nms=bool(cfg.nms), argmax=bool(cfg.argmax),
-                                    input_size=OmegaConf.to_container(cfg.input_size) if OmegaConf.is_config(
-                                        cfg.input_size) else cfg.input_size)
+    layout = str(cfg.layout or DEFAULT_LAYOUT.get(fmt, "nchw"))
+    if layout == "mobile" and fmt != "tflite":
+        raise ConfigError("layout", f"the mobile layout is written for format=tflite, got format={fmt}",
+                          "drop layout=mobile, or export format=tflite")
+    try:
+        module, example, meta = prepare(
+            ckpt, nms=bool(cfg.nms), argmax=bool(cfg.argmax), layout=layout, input_dtype=str(cfg.input_dtype),
+            pre_nms_top_k=None if cfg.pre_nms_top_k is None else int(cfg.pre_nms_top_k),
+            input_size=OmegaConf.to_container(cfg.input_size) if OmegaConf.is_config(cfg.input_size) else cfg.input_size)
+    except ArgumentError as e:
+        raise e.to_config_error("") from None
     if evaluate and meta["task"] == "det" and not meta["nms"]:
         raise ConfigError("evaluate", "scoring a detector through the exported model needs nms=true")
     out = Path(cfg.output) if cfg.output else output_dir() / default_output(cfg.ckpt_path, fmt, bool(cfg.nms), int8)

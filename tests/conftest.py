@@ -44,11 +44,13 @@ def tf_ssdlite_graph() -> Path:
 
 #: the export extra's runtimes: their parity tests skip without them, except in CI (MNV2_REQUIRE_ASSETS=1),
 #: where a missing one must fail instead of turning the parity tests into skips
-EXPORT_RUNTIMES = ("onnxruntime", "onnxscript", "ai_edge_litert", "litert_torch", "executorch.runtime", "executorch.exir")
+EXPORT_RUNTIMES = ("onnxruntime", "onnxscript", "ai_edge_litert", "litert_torch", "executorch.runtime", "executorch.exir",
+                   "mediapipe.tasks.python.vision")
 
 
 #: the releases that move the numerics of the fixtures and parity checks, printed in the run's header
-REPORTED_VERSIONS = ("torch", "torchvision", "lightning", "numpy", "onnxruntime", "ai-edge-litert", "executorch")
+REPORTED_VERSIONS = ("torch", "torchvision", "lightning", "numpy", "onnxruntime", "ai-edge-litert", "executorch",
+                     "mediapipe")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -70,3 +70,22 @@ def raise_seg_class_bias(model: torch.nn.Module, images: torch.Tensor, normalize
     with torch.no_grad():
         model.head.classifier.bias += min_share_class_bias(model(x), share, valid).float()
         return class_shares(model(x), valid)
+
+
+def random_det_ckpt(K: int = 3, size: int = 96) -> dict:
+    """A small random-weight SSDLite checkpoint (width 0.35, K classes, size px) with non-trivial BN statistics
+    and a post-processing that keeps a dozen detections per image (what the export parity tests need)."""
+    from backbone.training.checkpoint import run_info
+    from mnv2det.lightning_module import SSDLiteModule
+
+    torch.manual_seed(0)
+    cfg = {"_target_": "mnv2det.lightning_module.SSDLiteModule", "num_classes": K, "image_size": size,
+           "backbone": {"width_mult": 0.35, "pretrained": "none"},
+           "postprocess": {"pre_nms_top_k": 60, "max_detections": 12, "score_threshold": 0.27, "nms_iou": 0.45}}
+    module = SSDLiteModule(**{k: v for k, v in cfg.items() if k != "_target_"}).eval()
+    for m in module.modules():  # non-trivial BN statistics, so normalisation mistakes show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    info = run_info("det", {"model": cfg}, {"class_names": [f"c{i}" for i in range(K)]})
+    return {"state_dict": module.state_dict(), "mnv2": info}

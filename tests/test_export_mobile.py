@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from fixture_models import random_det_ckpt
 from parity import assert_same_detections
 
 from backbone.export import prepare
@@ -38,23 +39,6 @@ def fmt(request: pytest.FixtureRequest) -> tuple[str, str, Callable]:
     return name, suffix, importlib.import_module(f"backbone.export.{name}").export
 
 
-def _det_ckpt(K: int = 3, size: int = 96) -> dict:
-    from backbone.training.checkpoint import run_info
-    from mnv2det.lightning_module import SSDLiteModule
-
-    torch.manual_seed(0)
-    cfg = {"_target_": "mnv2det.lightning_module.SSDLiteModule", "num_classes": K, "image_size": size,
-           "backbone": {"width_mult": 0.35, "pretrained": "none"},
-           "postprocess": {"pre_nms_top_k": 60, "max_detections": 12, "score_threshold": 0.27, "nms_iou": 0.45}}
-    module = SSDLiteModule(**{k: v for k, v in cfg.items() if k != "_target_"}).eval()
-    for m in module.modules():  # non-trivial BN statistics, so normalisation mistakes show
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    info = run_info("det", {"model": cfg}, {"class_names": [f"c{i}" for i in range(K)]})
-    return {"state_dict": module.state_dict(), "mnv2": info}
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (4, 3, 96, 96)).astype(np.float32)
@@ -62,7 +46,7 @@ def images() -> np.ndarray:
 
 def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
     FMT, SUFFIX, export = fmt
-    wrapper, example, meta = prepare(_det_ckpt(), nms=True)
+    wrapper, example, meta = prepare(random_det_ckpt(), nms=True)
     model = load_exported(export(wrapper, example, meta, tmp_path / f"det{SUFFIX}"))
     assert model.metadata["format"] == FMT and model.metadata["nms"] and model.metadata["task"] == "det"
     assert model.metadata["outputs"] == ["boxes", "scores", "labels", "num_detections"]
@@ -81,7 +65,7 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
 
 def test_det_raw_outputs_match(tmp_path, images, fmt):
     FMT, SUFFIX, export = fmt
-    wrapper, example, meta = prepare(_det_ckpt(), nms=False)
+    wrapper, example, meta = prepare(random_det_ckpt(), nms=False)
     model = load_exported(export(wrapper, example, meta, tmp_path / f"raw{SUFFIX}"))
     assert model.metadata["outputs"] == ["cls_logits", "bbox_regression", "anchors"]
     out = model(images)

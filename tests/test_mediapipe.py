@@ -183,3 +183,50 @@ def test_mediapipe_image_segmenter_matches_checkpoint(seg_tflite, trained_seg):
         assert agree >= 0.99, agree
         present |= set(np.unique(ref).tolist())
     assert len(present) >= 3  # several classes: the check has power
+
+
+# ----------------------------------------------------------------------------- the file itself
+def _file_facts(path) -> dict:
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    m = schema.Model.GetRootAs(path.read_bytes(), 0)
+    codes = [m.OperatorCodes(i) for i in range(m.OperatorCodesLength())]
+    meta = {m.Metadata(i).Name().decode(): m.Metadata(i).Buffer() for i in range(m.MetadataLength())}
+    runtime = m.Buffers(meta["min_runtime_version"]).DataAsNumpy().tobytes().rstrip(b"\0").decode()
+    return {"subgraphs": m.SubgraphsLength(), "metadata": set(meta), "min_runtime_version": runtime,
+            "ops": {names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes}}
+
+
+def test_uint8_mobile_detector_in_mediapipe_and_old_runtimes(tmp_path):
+    """The uint8-input variant: one subgraph, no StableHLO op (TFLite <= 2.14 and the Task Library know
+    none), both metadata entries; MediaPipe gives the checkpoint's detections; our loader too."""
+    from fixture_models import random_det_ckpt
+    from parity import assert_same_detections
+
+    from backbone.export.runtime import load_exported
+
+    wrapper, example, meta = prepare(random_det_ckpt(), nms=True, layout="mobile", input_dtype="uint8")
+    assert example.dtype == torch.uint8 and example.shape == (1, 96, 96, 3)
+    path = export(wrapper, example, meta, tmp_path / "det_u8.tflite")
+    facts = _file_facts(path)
+    assert facts["subgraphs"] == 1, facts
+    assert not any(op.startswith("STABLEHLO") for op in facts["ops"]), facts["ops"]
+    assert tuple(int(v) for v in facts["min_runtime_version"].split(".")) <= (2, 14, 0), facts
+    assert {"mnv2", "TFLITE_METADATA"} <= facts["metadata"], facts
+    image = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    # 4x blown up: MediaPipe's corner-mapped sampling then reads exactly the 96 px image's pixels, and its
+    # integer pixel boxes are 4x finer
+    big = np.ascontiguousarray(np.repeat(np.repeat(image, 4, axis=0), 4, axis=1))
+    ref = checkpoint_detections(wrapper, big)
+    assert sum(d[1] >= SCORE_THRESHOLD + SCORE_MARGIN for d in ref) >= 4  # the check has power
+    assert_same(mediapipe_detections(path, big), ref, meta["class_names"])
+    model = load_exported(path)
+    assert model.metadata["input"] == {"name": "images", "layout": "NHWC", "dtype": "uint8", "range": [0, 255],
+                                       "color": "RGB"}
+    out = model(image.transpose(2, 0, 1)[None].astype(np.float32))
+    ssd = wrapper.model
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ssd.normalize_mean, ssd.normalize_std))
+    with torch.no_grad():
+        x = (torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32)) / 255 - mean) / std
+        assert_same_detections(out, 0, ssd.postprocess(ssd(x), torch.tensor([[96, 96]]))[0])

@@ -3,7 +3,9 @@
 Model input (all formats): ``images (B, 3, H, W) float32 RGB in 0..255``, already resized to the
 model's ``input_size`` with the eval pipeline's ``resize``; the normalisation is INSIDE the graph.
 The contract travels in the file (:mod:`backbone.export.metadata`) and
-:func:`backbone.export.runtime.load_exported` reads it back.
+:func:`backbone.export.runtime.load_exported` reads it back. A file may also be written in the
+``mobile`` layout that phone clients read (NHWC input, TF Object Detection API outputs:
+:mod:`backbone.export.layout`); its loader translates back, so callers see this contract either way.
 
 Every format module ``backbone.export.<format>`` (``onnx``, ``tflite``, ``executorch``) implements
 

@@ -223,3 +223,8 @@ def test_tool_exports_and_reports_errors(run_tool, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_tool("export.py", [f"ckpt_path={ckpt}", "int8=true"], tmp_path / "cache", tmp_path / "run3")
     assert r.returncode == 2 and "task=seg" in r.stderr, r.stderr[-2000:]
+    r = run_tool("export.py", [f"ckpt_path={ckpt}", "layout=mobile"], tmp_path / "cache", tmp_path / "run4")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "layout" in r.stderr, r.stderr[-2000:]
+    r = run_tool("export.py", [f"ckpt_path={ckpt}", "format=tflite", "input_dtype=int4"], tmp_path / "cache",
+                 tmp_path / "run5")
+    assert r.returncode == 2 and "input_dtype" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]

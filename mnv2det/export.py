@@ -30,6 +30,7 @@ from mnv2det.ssdlite import SSDLite
 
 NMS_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
 RAW_OUTPUTS = ("cls_logits", "bbox_regression", "anchors")
+DECODED_OUTPUTS = ("boxes", "scores")
 
 
 @torch.library.custom_op("mnv2::multiclass_nms", mutates_args=())
@@ -147,16 +148,20 @@ class DetectionExport(nn.Module):
     float32 or uint8, :mod:`backbone.export.layout`) ->
         nms=True: boxes (B, D, 4) xyxy input px, scores (B, D), labels (B, D) int64, num_detections (B,) int64
         (mobile: locations (B, D, 4) normalised yxyx, classes (B, D) float 0-based, scores (B, D), count (B,) float);
-        nms=False: cls_logits (B, A, K+1), bbox_regression (B, A, 4) (codes in box_code_order), anchors (A, 4)
-        normalised xyxy.
+        nms=False, decoded=True: boxes (B, A, 4) xyxy input px and scores (B, A, K), what the PostProcessor
+        ranks (clipped, and -1 for boxes left empty, with clip_before_nms): NMS left to the client (OpenCV's
+        cv2.dnn.NMSBoxesBatched), no TopK / NMS op in the graph;
+        nms=False, decoded=False: cls_logits (B, A, K+1), bbox_regression (B, A, 4) (codes in box_code_order),
+        anchors (A, 4) normalised xyxy.
     ``pre_nms_top_k``: the candidate cap before NMS (None: the model's postprocess.pre_nms_top_k).
     """
 
     def __init__(self, model: SSDLite, nms: bool = True, layout: str = "nchw", input_dtype: str = "float32",
-                 pre_nms_top_k: int | None = None) -> None:
+                 pre_nms_top_k: int | None = None, decoded: bool = True) -> None:
         super().__init__()
         self.model = model.eval()
         self.nms = bool(nms)
+        self.decoded = bool(decoded) and not self.nms
         self.layout, self.input_dtype = check_layout(layout, input_dtype)
         top_k = model.postprocessor.pre_nms_top_k if pre_nms_top_k is None else pre_nms_top_k
         if top_k is not None and int(top_k) < 1:
@@ -169,7 +174,8 @@ class DetectionExport(nn.Module):
             anchors = model(torch.zeros(1, 3, *self.input_size))["anchors"]
         self.register_buffer("anchors", anchors)
         mobile = self.layout == "mobile"
-        self.output_names = (MOBILE_DET_OUTPUTS if mobile else NMS_OUTPUTS) if self.nms else RAW_OUTPUTS
+        self.output_names = ((MOBILE_DET_OUTPUTS if mobile else NMS_OUTPUTS) if self.nms
+                             else DECODED_OUTPUTS if self.decoded else RAW_OUTPUTS)
 
     def onnx_translations(self) -> dict[Any, Any]:
         return {torch.ops.mnv2.multiclass_nms.default: multiclass_nms_onnx}
@@ -177,7 +183,7 @@ class DetectionExport(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (images_to_nchw(images, self.layout) - self.mean) / self.std
         cls_logits, bbox_regression = self.model.head(self.model.extract_features(x))
-        if not self.nms:
+        if not self.nms and not self.decoded:
             return cls_logits, bbox_regression, self.anchors.clone()
         pp = self.model.postprocessor
         h, w = self.input_size
@@ -189,6 +195,8 @@ class DetectionExport(nn.Module):
             boxes = torch.minimum(boxes.clamp(min=0), bound)
             nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
             scores = scores.masked_fill(~nonempty[..., None], -1.0)
+        if self.decoded:
+            return boxes, scores
         # the pre-NMS cap is inside the op: a static NMS takes its own top-k, a scatter here would cost
         # LiteRT a STABLEHLO_SCATTER (a second subgraph; TFLite >= 2.15 only)
         out = torch.ops.mnv2.multiclass_nms(boxes, scores.transpose(1, 2).contiguous(), float(w), float(h),
@@ -204,14 +212,14 @@ class DetectionExport(nn.Module):
 
 
 def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True, layout: str = "nchw",
-                 input_dtype: str = "float32", pre_nms_top_k: int | None = None
+                 input_dtype: str = "float32", pre_nms_top_k: int | None = None, decoded: bool = True
                  ) -> tuple[DetectionExport, torch.Tensor, dict[str, Any]]:
     """(wrapper, example input, metadata) of an SSDLiteModule loaded from a checkpoint."""
     from backbone.export.metadata import make_metadata
 
     model: SSDLite = module.model
     wrapper = DetectionExport(model, nms=nms, layout=layout, input_dtype=input_dtype,
-                              pre_nms_top_k=pre_nms_top_k).eval()
+                              pre_nms_top_k=pre_nms_top_k, decoded=decoded).eval()
     pp = model.postprocessor
     K = model.num_classes
     names = list(meta.get("class_names") or [f"class_{i}" for i in range(1, K + 1)])
@@ -222,6 +230,6 @@ def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True, layo
                      "pre_nms_top_k": wrapper.pre_nms_top_k or None, "score_converter": pp.score_converter,
                      "clip_before_nms": pp.clip_before_nms, "box_coder_weights": list(pp.box_coder.weights),
                      "box_code_order": pp.box_coder.order},
-        anchors_output=not nms, num_classes=K, layout=layout, input_dtype=input_dtype)
+        anchors_output=not nms and not wrapper.decoded, decoded=wrapper.decoded, num_classes=K, layout=layout, input_dtype=input_dtype)
     example = example_input(1, wrapper.input_size, layout, input_dtype)
     return wrapper, example, metadata

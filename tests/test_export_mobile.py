@@ -65,7 +65,7 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
 
 def test_det_raw_outputs_match(tmp_path, images, fmt):
     FMT, SUFFIX, export = fmt
-    wrapper, example, meta = prepare(random_det_ckpt(), nms=False)
+    wrapper, example, meta = prepare(random_det_ckpt(), nms=False, decoded=False)
     model = load_exported(export(wrapper, example, meta, tmp_path / f"raw{SUFFIX}"))
     assert model.metadata["outputs"] == ["cls_logits", "bbox_regression", "anchors"]
     out = model(images)

@@ -107,7 +107,7 @@ def test_det_dynamic_batch(det_export):
 
 def test_det_raw_outputs_match(tf_ckpt, det_export, tmp_path):
     wrapper, nms_model, images = det_export
-    raw_wrapper, example, meta = prepare(tf_ckpt, nms=False)
+    raw_wrapper, example, meta = prepare(tf_ckpt, nms=False, decoded=False)
     model = load_exported(export(raw_wrapper, example, meta, tmp_path / "raw.onnx"))
     assert model.metadata["outputs"] == ["cls_logits", "bbox_regression", "anchors"] and not model.metadata["nms"]
     out = model(images)

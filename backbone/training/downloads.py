@@ -83,6 +83,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MNV2_CACHE_DIR") or Path.home() / ".cache" / "mnv2").expanduser()
 
 
+#: the OpenCV 4 release the OpenCV client tests run (tests/test_export_opencv.py, in a subprocess): the
+#: venv's cv2 is whatever albumentations / mediapipe pull (5.x today), while OpenCV's users mostly run 4.x
+OPENCV4_REQUIREMENT = "opencv-python-headless>=4.10,<5"
+
+
+def opencv4_dir() -> Path:
+    """Where ``fetch_opencv4`` installs OpenCV 4 (a ``pip --target`` folder: put it on PYTHONPATH)."""
+    return cache_dir() / "opencv4"
+
+
+def fetch_opencv4(log: Callable[[str], None] = print) -> Path:
+    """``pip install --no-deps --target opencv4_dir() OPENCV4_REQUIREMENT`` unless it is there already."""
+    dest = opencv4_dir()
+    if (dest / "cv2" / "__init__.py").is_file():
+        return dest
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "--quiet",
+           "--target", str(dest), OPENCV4_REQUIREMENT]
+    log(f"installing {OPENCV4_REQUIREMENT} into {dest}")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise OSError(f"pip install {OPENCV4_REQUIREMENT} failed (exit {result.returncode}): {' | '.join(tail)}")
+    return dest
+
+
 def imagenet_weights_dest() -> Path:
     """Where torch's hub cache expects torchvision's IMAGENET1K_V1 MobileNetV2 weights."""
     import torch

@@ -41,15 +41,45 @@ def fmt(request: pytest.FixtureRequest) -> tuple[str, str, Callable]:
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return np.random.default_rng(0).uniform(0, 255, (4, 3, 96, 96)).astype(np.float32)
+    """Whole 0..255 values: what a uint8 input (the mobile TFLite detector's) carries exactly."""
+    return np.random.default_rng(0).integers(0, 256, (4, 3, 96, 96)).astype(np.float32)
+
+
+def _check_mobile_file(path, wrapper, meta) -> None:
+    """A mobile-layout uint8 detector: one subgraph, no StableHLO op (TFLite <= 2.14 and the Task Library
+    know none), both metadata entries, and in MediaPipe the checkpoint's detections."""
+    from mediapipe_client import (SCORE_MARGIN, SCORE_THRESHOLD, assert_same, checkpoint_detections, file_facts,
+                                  mediapipe_detections)
+
+    assert meta["outputs"] == ["locations", "classes", "scores", "count"]
+    assert meta["input"] == {"name": "images", "layout": "NHWC", "dtype": "uint8", "range": [0, 255], "color": "RGB"}
+    facts = file_facts(path)
+    assert facts["subgraphs"] == 1, facts
+    assert not any(op.startswith("STABLEHLO") for op in facts["ops"]), facts["ops"]
+    assert tuple(int(v) for v in facts["min_runtime_version"].split(".")) <= (2, 14, 0), facts
+    assert {"mnv2", "TFLITE_METADATA"} <= facts["metadata"], facts
+    image = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    # 4x blown up: MediaPipe's corner-mapped sampling then reads exactly the 96 px image's pixels, and its
+    # integer pixel boxes are 4x finer
+    big = np.ascontiguousarray(np.repeat(np.repeat(image, 4, axis=0), 4, axis=1))
+    ref = checkpoint_detections(wrapper, big)
+    assert sum(d[1] >= SCORE_THRESHOLD + SCORE_MARGIN for d in ref) >= 4  # the check has power
+    assert_same(mediapipe_detections(path, big), ref, meta["class_names"])
 
 
 def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
+    """TFLite: the file tools/export.py format=tflite input_dtype=uint8 writes (mobile layout), which the
+    loader reads back to the nchw contract and MediaPipe's ObjectDetector takes as it is."""
     FMT, SUFFIX, export = fmt
-    wrapper, example, meta = prepare(random_det_ckpt(), nms=True)
-    model = load_exported(export(wrapper, example, meta, tmp_path / f"det{SUFFIX}"))
+    mobile = {"layout": "mobile", "input_dtype": "uint8"} if FMT == "tflite" else {}
+    wrapper, example, meta = prepare(random_det_ckpt(), nms=True, **mobile)
+    path = export(wrapper, example, meta, tmp_path / f"det{SUFFIX}")
+    model = load_exported(path)
     assert model.metadata["format"] == FMT and model.metadata["nms"] and model.metadata["task"] == "det"
-    assert model.metadata["outputs"] == ["boxes", "scores", "labels", "num_detections"]
+    if FMT == "tflite":
+        _check_mobile_file(path, wrapper, meta)
+    else:
+        assert model.metadata["outputs"] == ["boxes", "scores", "labels", "num_detections"]
     assert model.metadata["class_names"] == ["c0", "c1", "c2"] and model.metadata["input_size"] == [96, 96]
     assert model.metadata["static_nms"]["top_k"] == 60
     out = model(images)

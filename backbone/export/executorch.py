@@ -29,10 +29,10 @@ CALL_CHUNK = 8  # images per runtime call (see ExecuTorchModel.__call__)
 
 
 def _export_program(module: torch.nn.Module, example: torch.Tensor, max_batch: int,
-                    nms_iterations: int | None) -> tuple[torch.export.ExportedProgram, dict[str, Any] | None]:
+                    nms_steps: int | None) -> tuple[torch.export.ExportedProgram, dict[str, Any] | None]:
     from backbone.export.static_nms import contiguous_copy, decompose_nms, nms_settings
 
-    nms = nms_settings(module, nms_iterations)
+    nms = nms_settings(module, nms_steps)
     batch = torch.export.Dim("batch", min=1, max=int(max_batch))
     if example.shape[0] == 1:  # torch.export specialises a size-1 dimension: trace with two images
         example = example.repeat(2, 1, 1, 1)
@@ -46,11 +46,11 @@ def _export_program(module: torch.nn.Module, example: torch.Tensor, max_batch: i
 
 def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, Any], output: Path, *,
            int8: bool = False, calibration: Iterable[np.ndarray] | None = None, max_batch: int = MAX_BATCH,
-           nms_iterations: int | None = None, calibrate_method: str = "minmax") -> Path:
+           nms_steps: int | None = None, calibrate_method: str = "minmax") -> Path:
     """Write ``output`` (.pte): input ``images`` (batch 1..``max_batch``), outputs ``metadata["outputs"]``.
 
-    Options: ``max_batch`` (the largest batch the program accepts), ``nms_iterations`` (detection with
-    NMS: the greedy fixpoint's iterations, see :mod:`backbone.export.static_nms`). ``int8`` is refused
+    Options: ``max_batch`` (the largest batch the program accepts), ``nms_steps`` (detection with
+    NMS: the greedy NMS's unrolled steps, see :mod:`backbone.export.static_nms`). ``int8`` is refused
     (not implemented for this format yet); ``calibrate_method`` is accepted for the tool's sake.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -61,7 +61,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
     if int(max_batch) < 1:
         raise ArgumentError("max_batch", f"must be >= 1, got {max_batch}")
     output = Path(output)
-    ep, nms = _export_program(module, example, max_batch, nms_iterations)
+    ep, nms = _export_program(module, example, max_batch, nms_steps)
     meta = {**metadata, "format": "executorch", "int8": False, "max_batch": int(max_batch)}
     if nms is not None:
         meta["static_nms"] = nms

@@ -12,18 +12,15 @@ torch.export program, :func:`decompose_nms`), which needs only fixed shapes:
    ``STABLEHLO_SCATTER``, a second subgraph that MediaPipe refuses and TFLite < 2.15 cannot run);
    a model that keeps every candidate (``pre_nms_top_k: null``, e.g. an imported TF graph) gets
    ``DEFAULT_TOP_K``;
-2. the (B, T, T) suppression matrix ``sup[i, j]``: same class, i ranked above j, IoU > threshold (IoU
-   computed as torchvision's nms does);
-3. greedy NMS as the fixpoint of ``keep[j] = valid[j] and not any(keep[i] and sup[i, j])``, iterated
-   ``iterations`` times from ``keep = valid`` (a (1, T) x (T, T) matmul each);
-4. clip, drop empty boxes, keep the first ``max_detections`` by rank -> fixed (B, D) outputs.
+2. greedy NMS itself, unrolled ``steps`` times: pick the best-ranked live candidate, suppress the live
+   ones of its class with IoU > threshold (IoU as torchvision's nms computes it), repeat. Each step
+   costs O(T); the k x k suppression matrix iterated to a fixpoint that this replaces cost O(T^2) per
+   iteration (measured, default detector, T = 1000: TFLite 63.6 -> 5.9 ms, ExecuTorch 45.5 -> 8.8 ms);
+3. clip the picks, drop empty boxes, keep the first ``max_detections`` -> fixed (B, D) outputs.
 
-Exactness of 3: the m-th box greedy keeps (by rank) and every box ranked above it are final after
-at most 2(m - 1) + 1 iterations (a kept box waits for its suppressed predecessors, a suppressed one
-for its first kept suppressor), so ``iterations >= 2 (D + E) + 1`` gives exactly the reference's
-top D, E being the kept boxes that the clip empties among them (boxes wholly outside the image:
-rare). The default ``min(T, 2 D + 16)`` is exact for E <= 7, and ``T`` iterations are exact always
-(no chain is longer than T).
+Exactness: the picks are greedy NMS's kept boxes in rank order, so ``steps >= D + E`` gives exactly
+the reference's top D, E being the kept boxes that the clip empties among them (boxes wholly outside
+the image: rare); the default ``min(T, D + 16)`` is exact for E <= 16.
 """
 from __future__ import annotations
 
@@ -39,68 +36,75 @@ log = logging.getLogger("mnv2")
 
 #: the candidate count for models whose postprocess keeps every candidate (torchvision's SSD default)
 DEFAULT_TOP_K = 1000
+#: greedy picks beyond max_detections, for kept boxes that the clip leaves empty
+EMPTY_MARGIN = 16
 
 
-def default_iterations(top_k: int, max_detections: int) -> int:
-    return int(min(top_k, 2 * max_detections + 16))
+def default_steps(top_k: int, max_detections: int) -> int:
+    return int(min(top_k, max_detections + EMPTY_MARGIN))
 
 
 def static_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: float, height: float,
                           iou_threshold: float, score_threshold: float, max_detections: int, *, top_k: int,
-                          iterations: int | None = None
+                          steps: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``torch.ops.mnv2.multiclass_nms`` (:mod:`mnv2det.export`), fixed shapes only.
 
     boxes: (B, N, 4) xyxy unclipped; scores: (B, K, N), of which the image's top ``top_k`` are the
-    candidates (the op's pre-NMS cap; equal to the eager op's up to the order of exact ties). Returns boxes (B, D, 4) clipped, scores (B, D), labels (B, D) int64 1..K (0 pad),
-    num_detections (B,) int64; kept rows first, by decreasing score.
+    candidates (the op's pre-NMS cap; equal to the eager op's up to the order of exact ties). Returns
+    boxes (B, D, 4) clipped, scores (B, D), labels (B, D) int64 1..K (0 pad), num_detections (B,) int64;
+    kept rows first, by decreasing score.
     """
     B, K, N = scores.shape
     D = int(max_detections)
     T = int(min(top_k, K * N))
-    L = default_iterations(T, D) if iterations is None else int(iterations)
+    S = default_steps(T, D) if steps is None else int(min(steps, T))
+    dev = scores.device
     top_s, top_i = scores.reshape(B, K * N).topk(T, dim=1)  # (B, T), sorted: rank order = score order
     cls = torch.div(top_i, N, rounding_mode="floor")
-    anchor = top_i - cls * N
-    cand = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(B, T, 4))  # (B, T, 4)
-    valid = top_s >= score_threshold
-
-    x1, y1, x2, y2 = cand.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    iw = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
-    ih = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
-    inter = iw * ih
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter)  # (B, T, T), torchvision's formula
-    upper = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)  # i ranked above j
-    sup = ((iou > iou_threshold) & (cls[:, :, None] == cls[:, None, :]) & upper).to(torch.float32)
-
-    keep = valid
-    for _ in range(L):  # unrolled: the converters take no loop
-        hit = torch.bmm(keep.to(torch.float32).unsqueeze(1), sup).squeeze(1)  # kept suppressors of each box
-        keep = valid & (hit < 0.5)
-
+    cand = torch.gather(boxes, 1, (top_i - cls * N).unsqueeze(-1).expand(B, T, 4))  # (B, T, 4)
+    lo, hi = cand[..., :2], cand[..., 2:]
+    wh = hi - lo
+    area = wh[..., 0] * wh[..., 1]  # (B, T)
+    rank = torch.arange(T, device=dev).expand(B, T)
+    # a live candidate's key is T - rank (> 0, larger = better ranked); 0 once picked, suppressed or invalid
+    key = torch.where(top_s >= score_threshold, (T - rank).to(torch.float32), torch.zeros_like(top_s))
+    picks, oks = [], []
+    for _ in range(S):  # unrolled: the converters take no loop
+        best, i = key.max(dim=1, keepdim=True)  # (B, 1)
+        b = torch.gather(cand, 1, i.unsqueeze(-1).expand(B, 1, 4))  # (B, 1, 4)
+        iwh = (torch.minimum(hi, b[..., 2:]) - torch.maximum(lo, b[..., :2])).clamp(min=0)
+        inter = iwh[..., 0] * iwh[..., 1]
+        iou = inter / (torch.gather(area, 1, i) + area - inter)
+        gone = ((iou > iou_threshold) & (cls == torch.gather(cls, 1, i))) | (rank == i)
+        key = torch.where(gone, torch.zeros_like(key), key)
+        picks.append(i)
+        oks.append(best > 0)
+    pick, ok = torch.cat(picks, 1), torch.cat(oks, 1)  # (B, S), in rank order
+    pb = torch.gather(cand, 1, pick.unsqueeze(-1).expand(B, S, 4))
+    # per-coordinate clamps: a tensor constant made here would be a mutation (lift_fresh_copy + detach_)
+    # that the decomposition refuses
+    x1, y1, x2, y2 = pb.unbind(-1)
     clipped = torch.stack([x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)], -1)
-    final = keep & (clipped[..., 2] > clipped[..., 0]) & (clipped[..., 3] > clipped[..., 1])
-    if T < D:  # fewer candidates than outputs: pad with never-kept rows
-        pad = D - T
-        clipped = torch.cat([clipped, clipped.new_zeros(B, pad, 4)], 1)
-        top_s = torch.cat([top_s, top_s.new_zeros(B, pad)], 1)
-        cls = torch.cat([cls, cls.new_zeros(B, pad)], 1)
-        final = torch.cat([final, final.new_zeros(B, pad)], 1)
-        T = D
-    # the first D kept by rank: a unique positive key per kept row, in rank order
-    key = torch.where(final, torch.arange(T, 0, -1, device=scores.device).to(torch.float32), torch.zeros_like(top_s) - 1)
-    kval, idx = key.topk(D, dim=1)
-    ok = kval > 0  # (B, D)
-    out_boxes = torch.gather(clipped, 1, idx.unsqueeze(-1).expand(B, D, 4)) * ok.unsqueeze(-1).to(clipped.dtype)
-    out_scores = torch.where(ok, torch.gather(top_s, 1, idx), torch.zeros_like(kval))
-    out_labels = torch.where(ok, torch.gather(cls, 1, idx) + 1, torch.zeros_like(idx)).to(torch.int64)
-    num = ok.to(torch.int64).sum(1)
-    return out_boxes, out_scores, out_labels, num
+    final = ok & (clipped[..., 2] > clipped[..., 0]) & (clipped[..., 3] > clipped[..., 1])
+    if S < D:  # fewer picks than outputs: pad with never-kept rows
+        clipped = torch.cat([clipped, clipped.new_zeros(B, D - S, 4)], 1)
+        pick = torch.cat([pick, pick.new_zeros(B, D - S)], 1)
+        final = torch.cat([final, final.new_zeros(B, D - S)], 1)
+        S = D
+    # the first D kept picks: a unique positive key per kept pick, in pick order
+    order = torch.where(final, torch.arange(S, 0, -1, device=dev).to(torch.float32), torch.zeros_like(clipped[..., 0]) - 1)
+    kval, idx = order.topk(D, dim=1)
+    kept = kval > 0  # (B, D)
+    sel = torch.gather(pick, 1, idx)
+    out_boxes = torch.gather(clipped, 1, idx.unsqueeze(-1).expand(B, D, 4)) * kept.unsqueeze(-1).to(clipped.dtype)
+    out_scores = torch.where(kept, torch.gather(top_s, 1, sel), torch.zeros_like(kval))
+    out_labels = torch.where(kept, torch.gather(cls, 1, sel) + 1, torch.zeros_like(sel)).to(torch.int64)
+    return out_boxes, out_scores, out_labels, kept.to(torch.int64).sum(1)
 
 
-def nms_settings(module: torch.nn.Module, iterations: int | None) -> dict[str, Any] | None:
-    """``{top_k, iterations}`` for a detection wrapper with NMS inside, None for any other module.
+def nms_settings(module: torch.nn.Module, steps: int | None) -> dict[str, Any] | None:
+    """``{top_k, steps}`` for a detection wrapper with NMS inside, None for any other module.
 
     The candidate count is the wrapper's ``pre_nms_top_k``; a wrapper that keeps every candidate gets
     :data:`DEFAULT_TOP_K` (logged: its detections can differ from PyTorch's uncapped ones only where a
@@ -117,20 +121,19 @@ def nms_settings(module: torch.nn.Module, iterations: int | None) -> dict[str, A
                     "takes the top %d per image (pre_nms_top_k=N to choose)", top_k)
     A = int(module.anchors.shape[0])
     T = int(min(top_k, A * model.num_classes))
-    if iterations is not None and int(iterations) < 1:
-        raise ArgumentError("nms_iterations", f"must be >= 1, got {iterations}",
-                            f"leave it unset (default {default_iterations(T, pp.max_detections)})")
-    L = default_iterations(T, pp.max_detections) if iterations is None else int(iterations)
-    return {"top_k": T, "iterations": L}
+    if steps is not None and int(steps) < 1:
+        raise ArgumentError("nms_steps", f"must be >= 1, got {steps}",
+                            f"leave it unset (default {default_steps(T, pp.max_detections)})")
+    return {"top_k": T, "steps": default_steps(T, pp.max_detections) if steps is None else int(min(steps, T))}
 
 
-def decompose_nms(program: torch.export.ExportedProgram, top_k: int, iterations: int) -> torch.export.ExportedProgram:
+def decompose_nms(program: torch.export.ExportedProgram, top_k: int, steps: int) -> torch.export.ExportedProgram:
     """``program`` with ``mnv2::multiclass_nms`` replaced by :func:`static_multiclass_nms`."""
     import mnv2det.export  # noqa: F401 -- registers the op
 
     def impl(boxes, scores, width, height, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
         return static_multiclass_nms(boxes, scores, width, height, iou_threshold, score_threshold, max_detections,
-                                     top_k=top_k, iterations=iterations)
+                                     top_k=top_k, steps=steps)
 
     # only the custom op: the converters run their own decompositions (XNNPACK's BN fusion needs the
     # training-IR convolutions)

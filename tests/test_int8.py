@@ -1,4 +1,4 @@
-"""int8 (onnxruntime static QDQ, per-channel weights) of the real TF-trained SSDLite and of a small Mobile
+"""int8 (onnxruntime static QOperator, uint8 activations, int8 per-channel weights) of the real TF-trained SSDLite and of a small Mobile
 DeepLabv3 trained to predict several classes (tests/conftest.py): they run, carry ``int8: true`` and QDQ
 nodes, and their confident detections / masks stay close to fp32's.
 
@@ -59,7 +59,8 @@ def test_int8_detections_close_to_fp32(tf_ssdlite_export, tmp_path):
     int8 = load_exported(q_path)
     assert int8.metadata["int8"] is True and int8.metadata["quantization"]["per_channel"]
     ops = {n.op_type for n in onnx.load(str(q_path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "NonMaxSuppression"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear", "NonMaxSuppression", "QLinearConv"} <= ops
+    assert "Conv" not in ops  # every convolution runs as an int8 kernel (QOperator), none dequantised to fp32
     assert q_path.stat().st_size < 0.5 * tf_ssdlite_export["onnx"].stat().st_size  # int8 weights
 
     images = np.stack([prepare_image(_photo(p), fp32.metadata) for p in EVAL])
@@ -116,3 +117,20 @@ def test_int8_seg_masks_close_to_fp32(trained_seg, trained_seg_onnx, tmp_path):
     print(f"seg int8 vs fp32 masks agree on {agree:.4f} of the pixels, {confident:.4f} of those with fp32 margin "
           f">= {SEG_INT8_MARGIN} ({(margin >= SEG_INT8_MARGIN).mean():.3f} of the pixels)")
     assert agree >= SEG_INT8_AGREEMENT and confident >= SEG_INT8_CONFIDENT_AGREEMENT, (agree, confident)
+
+
+def test_network_nodes_are_conv_to_conv(tf_ssdlite_export):
+    """The quantised set: every Conv and what lies between Convs; not the normalisation before the first
+    one nor the score conversion / decoding / NMS after the last ones."""
+    import onnx
+
+    from backbone.export.quantize import network_nodes
+
+    model = onnx.load(str(tf_ssdlite_export["onnx"]))
+    chosen = network_nodes(model)
+    ops = {n.op_type for n in chosen}
+    assert sum(n.op_type == "Conv" for n in chosen) == sum(n.op_type == "Conv" for n in model.graph.node) > 50
+    assert {"Clip", "Add"} <= ops  # ReLU6 and the residual adds stay int8 between convolutions
+    assert not ops & {"NonMaxSuppression", "Exp", "Sigmoid", "Softmax", "TopK"}
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert first_conv.input[0] not in {o for n in chosen for o in n.output}  # its input (normalised) is float

@@ -61,7 +61,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
     if not int8:
         onnx.save(fp32, str(output))
         return output
-    from backbone.export.quantize import quantize_onnx
+    from backbone.export.quantize import SCHEME, quantize_onnx
 
     if calibration is None:
         raise ValueError("int8 export needs calibration images")
@@ -70,8 +70,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
         onnx.save(fp32, str(src))
         quantize_onnx(src, output, calibration, calibrate_method=calibrate_method)
     q = onnx.load(str(output))
-    _set_metadata(q, {**meta, "int8": True, "quantization": {"format": "QDQ", "per_channel": True,
-                                                             "calibrate_method": calibrate_method}})
+    _set_metadata(q, {**meta, "int8": True, "quantization": {**SCHEME, "calibrate_method": calibrate_method}})
     onnx.save(q, str(output))
     return output
 

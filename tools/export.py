@@ -121,23 +121,24 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError("evaluate", "scoring a detector through the exported model needs nms=true",
                           "drop nms=false, or evaluate=false" + (" (format=all evaluates)" if every else ""))
     dm = _datamodule(cfg, info) if (int8 or evaluate) else None
-    # precision -> file, per format; fp32 beside int8 when a table compares them (a temp file unless format=all)
+    # fp32 beside int8 when a table compares them (in a temp dir unless format=all)
     jobs = [(f, p) for f in fmts for p in (["fp32"] if not int8 else (["fp32", "int8"] if evaluate else ["int8"]))]
-    tmp = tempfile.TemporaryDirectory()
-    written: list[tuple[str, str, Path]] = []
-    try:
-        from tqdm.auto import tqdm
+    written: list[tuple[str, str, Path]] = []  # (format, precision, file) of every file the table scores
+    kept: list[Path] = []  # the files the user asked for
+    from tqdm.auto import tqdm
 
+    with tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(jobs, desc="export", unit="file", disable=len(jobs) < 2)
         for fmt, precision in bar:
             bar.set_postfix_str(f"{fmt} {precision}")
             q = precision == "int8"
-            if cfg.output and not every and q == int8:
+            baseline = not every and q != int8  # the fp32 baseline of a single-format int8 comparison
+            if baseline:
+                out = Path(tmp) / f"fp32{SUFFIXES[fmt]}"
+            elif cfg.output and not every:
                 out = Path(cfg.output)
-            elif every or q == int8:
+            else:
                 out = output_dir() / default_output(cfg.ckpt_path, fmt, bool(cfg.nms), q)
-            else:  # the fp32 baseline of a single-format int8 comparison
-                out = Path(tmp.name) / f"fp32{SUFFIXES[fmt]}"
             try:
                 path = _export_one(cfg, ckpt, fmt, q, out, dm)
             except ConfigError as e:
@@ -146,16 +147,14 @@ def export(cfg: DictConfig) -> Path:
                 log.warning("format=all: %s %s not written (%s)", fmt, precision, e)
                 continue
             written.append((fmt, precision, path))
-            if path.parent != Path(tmp.name):
+            if not baseline:
+                kept.append(path)
                 tqdm.write(f"exported {info.get('task')} model ({fmt}{', int8' if q else ''}) to {path}")
         if evaluate:
             rows = measure(written, dm, int(cfg.latency_runs))
             print(comparison_table(rows, int(cfg.latency_runs)), flush=True)
             _write_table(rows, output_dir() / TABLE_NAME)
-    finally:
-        tmp.cleanup()
-    mine = [p for _, _, p in written if p.parent != Path(tmp.name)]
-    return mine[-1] if mine else Path(output_dir())
+    return kept[-1] if kept else output_dir()
 
 
 def measure(written: list[tuple[str, str, Path]], datamodule: object, runs: int) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ Robustness choices:
 * Images whose file is missing are removed at construction (one warning with the count and the
   first names). Images listed in the annotation file without objects are kept, as in COCO.
 * An image that exists but cannot be decoded is found only when it is read: ``__getitem__`` then
-  logs a warning naming the file and image id, counts it in ``skipped``, and returns the next
+  logs a warning naming the file and image id, counts it in ``skipped``, and returns a seeded random other
   readable sample instead (a batch never has holes and a run never dies on one bad JPEG). The
   evaluator still scores that image's ground truth (it is listed in the annotation file).
 """
@@ -38,7 +38,8 @@ import numpy as np
 
 from backbone.errors import DataError
 from backbone.image_io import UnreadableImage, apply_orientation, decode_image, oriented_size
-from backbone.training.data_health import BOXES_DROPPED, MISSING, REPAIRED, SKIPPED, Event, HealthReport
+from backbone.training.data_health import (BOXES_DROPPED, MISSING, REPAIRED, SKIPPED, Event, HealthReport,
+                                          replacement_order)
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +340,7 @@ class COCODetection:
         if n == 0:
             raise IndexError("empty dataset")
         events: list[Event] = []
-        for step in range(n):  # the next readable sample; gives up only if nothing can be read
-            i = (index + step) % n
+        for i in replacement_order(index, n):  # a seeded random other sample; gives up only if none can be read
             try:
                 image, target, repairs = self.load(i)
             except UnreadableImage as e:

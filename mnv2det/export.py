@@ -177,6 +177,10 @@ class DetectionExport(nn.Module):
         self.output_names = ((MOBILE_DET_OUTPUTS if mobile else NMS_OUTPUTS) if self.nms
                              else DECODED_OUTPUTS if self.decoded else RAW_OUTPUTS)
 
+    def tflite_postprocess_op(self) -> tuple[nn.Module, np.ndarray, dict[str, Any]] | None:
+        """See :func:`postprocess_op_spec` (what :mod:`backbone.export.tflite` asks a wrapper)."""
+        return postprocess_op_spec(self)
+
     def onnx_translations(self) -> dict[Any, Any]:
         return {torch.ops.mnv2.multiclass_nms.default: multiclass_nms_onnx}
 
@@ -209,6 +213,60 @@ class DetectionExport(nn.Module):
         locations = torch.stack([y1 / h, x1 / w, y2 / h, x2 / w], dim=-1)
         classes = (labels - 1).clamp(min=0).to(torch.float32)
         return locations, classes, det_scores, num.to(torch.float32)
+
+
+class PostprocessOpInputs(nn.Module):
+    """A mobile detection wrapper up to the inputs of TFLite's ``TFLite_Detection_PostProcess``
+    (:mod:`backbone.export.tflite_postprocess`): ``codes (1, A, 4)`` (ty, tx, th, tw) and ``scores (1, A, K)``
+    (converted, no background column), every candidate outside the image's top ``pre_nms_top_k`` at -1 (the
+    op's score threshold is >= 0, so it never keeps one: the cap of ``mnv2::multiclass_nms`` as a threshold
+    at the k-th score, no scatter)."""
+
+    def __init__(self, wrapper: DetectionExport) -> None:
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.wrapper
+        x = (images_to_nchw(images, w.layout) - w.mean) / w.std
+        cls_logits, codes = w.model.head(w.model.extract_features(x))
+        pp = w.model.postprocessor
+        scores = convert_scores(cls_logits, pp.score_converter)  # (B, A, K)
+        B, A, K = scores.shape
+        if 0 < w.pre_nms_top_k < A * K:
+            flat = scores.reshape(B, A * K)
+            # the k-th value read through the indices: a top-k whose indices go unused lowers to a
+            # STABLEHLO_SORT (a second subgraph) instead of TOPK_V2
+            kth = torch.gather(flat, 1, flat.topk(w.pre_nms_top_k, dim=1).indices[:, -1:])
+            scores = torch.where(scores >= kth.unsqueeze(-1), scores, torch.full_like(scores, -1.0))
+        codes = codes.float()
+        if pp.box_coder.order == "xy":
+            tx, ty, tw, th = codes.unbind(-1)
+            codes = torch.stack([ty, tx, th, tw], dim=-1)
+        return codes, scores
+
+
+def postprocess_op_spec(wrapper: DetectionExport) -> tuple[nn.Module, np.ndarray, dict[str, Any]] | None:
+    """(network up to the op's inputs, anchors (A, 4) ycenter/xcenter/h/w, op options) for a mobile-layout
+    detection wrapper with NMS inside, whose post-processing the op reproduces; None otherwise (the
+    exporter then uses the static NMS). Not reproduced: ``clip_before_nms`` (the op clips nothing; the
+    clip here comes after it) and kept boxes that the clip empties (the reference drops them; here they
+    stay as zero-area rows: only a box wholly outside the image, which a trained model does not predict)."""
+    from backbone.export.tflite_postprocess import op_options
+
+    pp = wrapper.model.postprocessor
+    if not wrapper.nms or wrapper.layout != "mobile" or pp.clip_before_nms:
+        return None
+    a = wrapper.anchors.double()
+    wh = a[:, 2:] - a[:, :2]
+    centre = a[:, :2] + 0.5 * wh  # as BoxCoder.decode computes them
+    anchors = torch.stack([centre[:, 1], centre[:, 0], wh[:, 1], wh[:, 0]], 1).float().numpy()
+    w = pp.box_coder.weights  # in the codes' order; the op's are (y, x, h, w)
+    scales = w if pp.box_coder.order == "yx" else (w[1], w[0], w[3], w[2])
+    options = op_options(max_detections=pp.max_detections, iou_threshold=pp.nms_iou,
+                         score_threshold=max(pp.score_threshold, 0.0), num_classes=wrapper.model.num_classes,
+                         scales=scales)
+    return PostprocessOpInputs(wrapper).eval(), anchors, options
 
 
 def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True, layout: str = "nchw",

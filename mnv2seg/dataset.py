@@ -17,7 +17,7 @@ Bad samples are checked lazily, when a sample is loaded (no start-up scan of ~10
 `check_all()` for an up-front scan): a mask whose size differs from its image, a mask with values
 >= num_classes other than 255, an RGB (colour, not index) mask or an unreadable file is reported
 with its file name in a `BadSampleWarning`, counted in `num_bad` and never trained on:
-on_bad="replace" (training) returns the next good sample instead, on_bad="ignore" (validation)
+on_bad="replace" (training) returns a seeded random other good sample instead, on_bad="ignore" (validation)
 returns the image with an all-255 mask, so it adds nothing to the loss or the confusion matrix
 and no other sample is counted twice. on_bad="raise" raises DataError.
 
@@ -35,6 +35,8 @@ Every sample carries ``health``: its data-health events (skipped / repaired), se
 """
 from __future__ import annotations
 
+import itertools
+
 import logging
 import os
 import warnings
@@ -47,7 +49,7 @@ from torch.utils.data import Dataset
 
 from backbone.errors import DataError
 from backbone.image_io import UnreadableImage, apply_orientation, decode_image, oriented_size
-from backbone.training.data_health import MISSING, REPAIRED, SKIPPED, Event, HealthReport
+from backbone.training.data_health import MISSING, REPAIRED, SKIPPED, Event, HealthReport, replacement_order
 from backbone.training.voc_format import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -312,9 +314,8 @@ class VOCSegmentation(Dataset):
             except UnreadableImage:
                 image = np.zeros((8, 8, 3), np.uint8)  # nothing to show: a blank, all-ignored placeholder
             return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8), name, events
-        # replace: the next good sample (deterministic, so a seeded run stays reproducible)
-        for step in range(1, len(self)):
-            j = (index + step) % len(self)
+        # replace: a seeded random other good sample (deterministic, so a seeded run stays reproducible)
+        for j in itertools.islice(replacement_order(index, len(self)), 1, None):
             if j in self._bad:
                 events.append(self._skip_event(j))
                 continue

@@ -295,3 +295,63 @@ def test_callback_stops_the_run_past_max_bad_fraction(tmp_path: Path) -> None:
     ok = DataHealth(min_samples=1)
     ok.on_train_batch_start(_trainer(SimpleNamespace(max_bad_fraction=0.1, root=tmp_path), tmp_path), None,
                             _batch(100, bad[:1]), 0)
+
+
+# ------------------------------------------------------------------------------------------ a broken copy
+def _coco_with_broken_run(root: Path, n_train: int, n_bad: int) -> Path:
+    """A COCO set whose train split holds ``n_bad`` consecutive truncated JPEGs (a broken copy)."""
+    for split, n in (("train2017", n_train), ("val2017", 8)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            a = _img(48, 48, seed=i)
+            a[12:36, 12:36] = 255  # one object, so the run has something to learn and score
+            path = root / split / f"{i:04d}.jpg"
+            Image.fromarray(a).save(path, quality=90)
+            if split == "train2017" and 40 <= i < 40 + n_bad:
+                path.write_bytes(path.read_bytes()[:200])
+            images.append({"id": i + 1, "file_name": path.name, "width": 48, "height": 48})
+            anns.append(_ann(i + 1, i + 1, [12, 12, 24, 24]))
+        _coco(root, images, anns, split)
+    return root
+
+
+def test_bad_files_counted_once_and_replacements_do_not_cascade(tmp_path: Path) -> None:
+    """8 consecutive truncated files of 158: each sample's replacement is a random other one, so the
+    8 files cost 8 skips an epoch (the next index would cascade: 8 + 7 + ... + 1 = 36), each counted once."""
+    root = _coco_with_broken_run(tmp_path / "coco", 158, 8)
+    ds = COCODetection(root, "train2017")
+    events = [e for i in range(len(ds)) for e in _events(ds[i][1]) if e[0] == "skipped"]
+    bad = {f"{i:04d}.jpg" for i in range(40, 48)}
+    assert {item.split()[0] for _, _, item in events} == bad
+    assert len(events) < 12, len(events)  # a few bad replacements at most, not a cascade
+    again = [e for e in _events(ds[43][1]) if e[0] == "skipped"]
+    assert again[0][2] == "0043.jpg (image id 44)"  # the draw is seeded: the same replacement each time
+    assert again == [e for e in _events(ds[43][1]) if e[0] == "skipped"]
+    report = HealthReport()
+    report.add_events("train", events + events)  # two epochs
+    assert report.files("train") == 8 and report.count("train") == 2 * len(events)
+    assert "skipped: 8 files" in report.format()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_bad", "stops"), [(8, False), (20, True)])
+def test_train_with_a_broken_copy(run_tool, tmp_path: Path, n_bad: int, stops: bool) -> None:
+    """tools/train.py data=coco, 158 train images of which ``n_bad`` consecutive ones are truncated, at
+    data.max_bad_fraction=0.1 (15.8 files): 8 finish and report 8 files; 20 stop with one error line."""
+    root = _coco_with_broken_run(tmp_path / "coco", 158, n_bad)
+    out = tmp_path / "run"
+    proc = run_tool("train.py", ["data=coco", f"data.root={root}", "data.max_bad_fraction=0.1", "data.num_workers=0",
+                                 "data.batch_size=16", "data/augment=light", "model.image_size=96",
+                                 "model.backbone.pretrained=none", "trainer.max_epochs=1", "logger=none"],
+                    tmp_path / "cache", out)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    if stops:
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        assert "of the 158 'train' samples were found unreadable" in errors[0], errors[0]
+        assert "data.max_bad_fraction=0.1" in errors[0] and "Traceback" not in proc.stderr
+        return
+    assert proc.returncode == 0 and not errors, proc.stderr[-3000:]
+    health = json.loads(next(out.rglob("data_health.json")).read_text())
+    assert health["train"]["files"] == {"skipped": 8}, health["train"]
+    assert health["train"]["skipped"]["truncated"]["count"] >= 8  # every file met, some again as replacements

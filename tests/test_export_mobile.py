@@ -2,7 +2,8 @@
 executorch.runtime with XNNPACK) with PyTorch, each test run for both formats.
 
 Small random-weight detectors (conversion dominates: ~40-120 s on a busy 2-core machine, hence ``slow``):
-detection with the static-shape NMS inside gives the detections of mnv2det.postprocess.PostProcessor
+detection with NMS inside (TFLite: the native TFLite_Detection_PostProcess op; ExecuTorch: the static-shape
+NMS) gives the detections of mnv2det.postprocess.PostProcessor
 (same count, labels; IoU > 0.99; scores within 1e-3) on several images, raw detection outputs within
 1e-3 (also for a batch larger than one runtime call); on the session's trained seg model
 (tests/conftest.py), segmentation logits within 1e-3 and the argmax mask equal on >= 99.9 % of pixels;
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from fixture_models import random_det_ckpt
+from mediapipe_client import file_facts
 from parity import assert_same_detections
 
 from backbone.export import prepare
@@ -48,8 +50,7 @@ def images() -> np.ndarray:
 def _check_mobile_file(path, wrapper, meta) -> None:
     """A mobile-layout uint8 detector: one subgraph, no StableHLO op (TFLite <= 2.14 and the Task Library
     know none), both metadata entries, and in MediaPipe the checkpoint's detections."""
-    from mediapipe_client import (SCORE_MARGIN, SCORE_THRESHOLD, assert_same, checkpoint_detections, file_facts,
-                                  mediapipe_detections)
+    from mediapipe_client import SCORE_MARGIN, SCORE_THRESHOLD, assert_same, checkpoint_detections, mediapipe_detections
 
     assert meta["outputs"] == ["locations", "classes", "scores", "count"]
     assert meta["input"] == {"name": "images", "layout": "NHWC", "dtype": "uint8", "range": [0, 255], "color": "RGB"}
@@ -81,7 +82,11 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
     else:
         assert model.metadata["outputs"] == ["boxes", "scores", "labels", "num_detections"]
     assert model.metadata["class_names"] == ["c0", "c1", "c2"] and model.metadata["input_size"] == [96, 96]
-    assert model.metadata["static_nms"]["top_k"] == 60
+    if FMT == "tflite":  # decode + NMS in TFLite's native op, the cap before it (TOPK_V2)
+        assert model.metadata["nms_op"] == "TFLite_Detection_PostProcess" and "static_nms" not in model.metadata
+        assert {"CUSTOM", "TOPK_V2"} <= file_facts(path)["ops"]
+    else:
+        assert model.metadata["static_nms"]["top_k"] == 60
     out = model(images)
     assert out["boxes"].shape == (4, 12, 4) and out["labels"].dtype == np.int64
     ssd = wrapper.model

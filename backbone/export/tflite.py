@@ -28,14 +28,20 @@ from backbone.export.metadata import METADATA_KEY, decode, encode
 
 log = logging.getLogger(__name__)
 
+#: detection NMS inside a .tflite: TFLite's native custom op, or the static-shape greedy NMS in plain ops
+NMS_OPS = ("detection_postprocess", "static")
+
 
 def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, Any], output: Path, *,
            int8: bool = False, calibration: Iterable[np.ndarray] | None = None, nms_steps: int | None = None,
-           calibrate_method: str = "minmax") -> Path:
+           nms_op: str = "detection_postprocess", calibrate_method: str = "minmax") -> Path:
     """Write ``output`` (.tflite): input ``images`` (1, 3, H, W), outputs ``metadata["outputs"]``.
 
-    Option ``nms_steps``: see :mod:`backbone.export.static_nms`. ``int8`` is refused (not
-    implemented for this format yet); ``calibrate_method`` is accepted for the tool's sake.
+    Options: ``nms_op`` (detection with NMS inside): ``detection_postprocess`` ends a mobile-layout file in
+    TFLite's native ``TFLite_Detection_PostProcess`` (:mod:`backbone.export.tflite_postprocess`) where the
+    wrapper's post-processing allows it, else (and with ``static``) the static NMS, whose ``nms_steps``:
+    see :mod:`backbone.export.static_nms`. ``int8`` is refused (not implemented for this format yet);
+    ``calibrate_method`` is accepted for the tool's sake.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import litert_torch
@@ -44,12 +50,18 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
 
     if int8:
         raise ArgumentError("int8", "is not implemented for the tflite format yet", "export fp32 (int8=false)")
+    if nms_op not in NMS_OPS:
+        raise ArgumentError("nms_op", f"must be one of {list(NMS_OPS)}, got {nms_op!r}",
+                            "options.nms_op=detection_postprocess (native, fast) or static")
     output = Path(output)
-    nms = nms_settings(module, nms_steps)
+    post = None
+    if nms_op == "detection_postprocess" and hasattr(module, "tflite_postprocess_op"):
+        post = module.tflite_postprocess_op()
+    nms = None if post is not None else nms_settings(module, nms_steps)
     example = example[:1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.export.export(contiguous_copy(module), (example,))
+        program = torch.export.export(contiguous_copy(post[0] if post is not None else module), (example,))
         if nms is not None:
             program = decompose_nms(program, **nms)
         # litert-torch 0.10 lowers expand to a BROADCAST_TO that fails in the interpreter ("Output shape
@@ -60,6 +72,11 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
     if nms is not None:
         meta["static_nms"] = nms
     content = edge.model_content()
+    if post is not None:
+        from backbone.export.tflite_postprocess import OP_NAME, append_detection_postprocess
+
+        content = append_detection_postprocess(content, post[1], post[2])
+        meta["nms_op"] = OP_NAME
     if meta.get("layout") == "mobile":
         content = order_output_tensors(content)
     content = add_metadata(content, encode(meta))

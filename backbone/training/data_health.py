@@ -11,9 +11,14 @@ Datasets report two kinds of findings:
 
 :class:`DataHealth` (a Lightning callback, ``conf/callbacks/default.yaml: data_health``) adds the
 batches' events up, stops the run with one ``error:`` line when the samples skipped at load exceed
-``data.max_bad_fraction`` (once ``min_samples`` were loaded, or at the end of an epoch), and at the
-end of fit / validate / test all-gathers the counts over the DDP ranks, logs one summary and writes it
-to ``<output_dir>/data_health.json``.
+``data.max_bad_fraction``, and at the end of fit / validate / test all-gathers the counts over the DDP
+ranks, logs one summary and writes it to ``<output_dir>/data_health.json``.
+
+What the limit counts: distinct bad files of the split, against the split's size (a file skipped in
+every epoch, or met again as another sample's replacement, counts once; the summary gives files and skip
+events apart). A skipped training sample is replaced by a seeded random other one
+(:func:`replacement_order`), so a run of consecutive bad files (a broken copy) does not hand the
+skip on to its neighbours.
 
 Kinds: ``skipped`` (a sample not trained / scored on; reason e.g. ``truncated``, ``mask size``),
 ``repaired`` (an image used after a repair; reason the repair tag, e.g. ``grayscale``, ``16-bit``,
@@ -26,9 +31,10 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
+import numpy as np
 
 from backbone.errors import ConfigError, DataError
 
@@ -41,6 +47,27 @@ SKIPPED, REPAIRED, BOXES_DROPPED, MISSING = "skipped", "repaired", "boxes_droppe
 BAD_KINDS = (SKIPPED, MISSING)
 #: examples kept per (kind, reason)
 EXAMPLES = 5
+#: random replacements tried before a scan of the whole split
+REPLACEMENT_DRAWS = 16
+
+
+def replacement_order(index: int, n: int, seed: int = 0) -> Iterator[int]:
+    """Sample indices to try for ``index`` of a split of ``n``: ``index`` itself, then (it was bad)
+    :data:`REPLACEMENT_DRAWS` seeded random other ones, then every other index from a random start, so that
+    a readable sample is found if there is one. Deterministic in (seed, index): a seeded run stays
+    reproducible whatever the worker that loads it. The next index would not do: bad files sit together
+    after a broken copy, and each would hand its skip on to the next."""
+    yield index
+    if n <= 1:
+        return
+    rng = np.random.default_rng([int(seed), int(index)])
+    for j in rng.integers(0, n - 1, REPLACEMENT_DRAWS):
+        yield int(j) + int(j >= index)  # any index but ``index``
+    start = int(rng.integers(n))
+    for step in range(n):
+        j = (start + step) % n
+        if j != index:
+            yield j
 
 
 def check_max_bad_fraction(value: Any) -> float:
@@ -54,17 +81,21 @@ def check_max_bad_fraction(value: Any) -> float:
 class HealthReport:
     """Counts and first examples per (split, kind, reason); mergeable (across ranks) and JSON-able.
 
-    ``samples[split]``: samples delivered in batches; ``count(split, kinds)``: events of those kinds.
+    ``samples[split]``: samples delivered in batches; ``count(split, kinds)``: events of those kinds;
+    ``files(split, kinds)``: the distinct items (files) of those kinds.
     """
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, str], int] = {}
         self.examples: dict[tuple[str, str, str], list[str]] = {}
         self.samples: dict[str, int] = {}
+        self.items: dict[tuple[str, str], set[str]] = {}  # bad kinds only: what the limit counts
 
     def add(self, split: str, kind: str, reason: str, item: str = "", count: int = 1) -> None:
         key = (split, kind, reason)
         self.counts[key] = self.counts.get(key, 0) + int(count)
+        if item and kind in BAD_KINDS:
+            self.items.setdefault((split, kind), set()).add(item)
         ex = self.examples.setdefault(key, [])
         if item and len(ex) < EXAMPLES and item not in ex:
             ex.append(item)
@@ -81,6 +112,8 @@ class HealthReport:
             del ex[EXAMPLES:]
         for split, n in other.samples.items():
             self.samples[split] = self.samples.get(split, 0) + n
+        for key, items in other.items.items():
+            self.items.setdefault(key, set()).update(items)
         return self
 
     def renamed(self, split: str) -> "HealthReport":
@@ -92,11 +125,18 @@ class HealthReport:
                 out.add(split, kind, reason, item, count=0)
         for n in self.samples.values():
             out.samples[split] = out.samples.get(split, 0) + n
+        for (_, kind), items in self.items.items():
+            out.items.setdefault((split, kind), set()).update(items)
         return out
 
     def count(self, split: str | None = None, kinds: Iterable[str] = BAD_KINDS) -> int:
         kinds = set(kinds)
         return sum(n for (s, k, _), n in self.counts.items() if k in kinds and split in (None, s))
+
+    def files(self, split: str | None = None, kinds: Iterable[str] = BAD_KINDS) -> int:
+        """Distinct bad items (files, named with their image id) of those kinds."""
+        kinds = set(kinds)
+        return len(set().union(*(v for (s, k), v in self.items.items() if k in kinds and split in (None, s))))
 
     def first(self, split: str | None = None, kinds: Iterable[str] = BAD_KINDS, n: int = 3) -> list[str]:
         kinds, out = set(kinds), []
@@ -106,11 +146,13 @@ class HealthReport:
         return out[:n]
 
     def to_dict(self) -> dict[str, Any]:
-        """{split: {samples, kind: {reason: {count, examples}}}}."""
+        """{split: {samples, [files: {kind: distinct bad files}], kind: {reason: {count, examples}}}}."""
         out: dict[str, Any] = {s: {"samples": n} for s, n in sorted(self.samples.items())}
         for (split, kind, reason), n in sorted(self.counts.items()):
             out.setdefault(split, {"samples": 0}).setdefault(kind, {})[reason] = {
                 "count": n, "examples": list(self.examples.get((split, kind, reason), []))}
+        for (split, kind), items in sorted(self.items.items()):
+            out.setdefault(split, {"samples": 0}).setdefault("files", {})[kind] = len(items)
         return out
 
     def format(self, title: str = "data health") -> str:
@@ -118,14 +160,16 @@ class HealthReport:
         lines = [f"{title}:"]
         for split, entry in self.to_dict().items():
             head = f"  {split}: {entry.get('samples', 0)} samples loaded"
-            kinds = {k: v for k, v in entry.items() if k != "samples"}
+            kinds = {k: v for k, v in entry.items() if k not in ("samples", "files")}
             if not kinds:
                 lines.append(head + ", no problems")
                 continue
             lines.append(head)
+            files = entry.get("files", {})
             for kind, reasons in kinds.items():
                 total = sum(r["count"] for r in reasons.values())
-                lines.append(f"    {kind.replace('_', ' ')}: {total}")
+                count = f"{files[kind]} files ({total} events)" if kind in files else str(total)
+                lines.append(f"    {kind.replace('_', ' ')}: {count}")
                 for reason, r in reasons.items():
                     ex = ", ".join(r["examples"])
                     lines.append(f"      {reason}: {r['count']}" + (f" (e.g. {ex})" if ex else ""))
@@ -152,13 +196,24 @@ def _gather(report: HealthReport, trainer: pl.Trainer) -> HealthReport:
     if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return report
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (report.counts, report.examples, report.samples))
+    dist.all_gather_object(parts, (report.counts, report.examples, report.samples, report.items))
     total = HealthReport()
-    for counts, examples, samples in parts:
+    for counts, examples, samples, items in parts:
         r = HealthReport()
-        r.counts, r.examples, r.samples = counts, examples, samples
+        r.counts, r.examples, r.samples, r.items = counts, examples, samples, items
         total.merge(r)
     return total
+
+
+def _rank_share(trainer: pl.Trainer, split: str) -> int:
+    """Samples of ``split`` ("train" / "val") this rank loads per epoch; 0 when the datamodule does not say."""
+    dm = trainer.datamodule
+    ds = getattr(dm, "train_dataset" if split == "train" else "val_dataset", None) if dm is not None else None
+    try:
+        n = len(ds)
+    except TypeError:
+        return 0
+    return -(-n // max(int(getattr(trainer, "world_size", 1) or 1), 1))
 
 
 class DataHealth(pl.Callback):
@@ -166,8 +221,9 @@ class DataHealth(pl.Callback):
 
     Args:
         output_dir: where ``data_health.json`` is written (None: not written).
-        min_samples: samples loaded (per split, per rank) before the load-time limit is checked
-            between epoch ends (a fraction of a few samples means nothing).
+        min_samples: where the datamodule does not give the split's size: samples loaded (per split,
+            per rank) before the load-time limit is checked between epoch ends (a fraction of a few
+            samples means nothing).
 
     The limit is the datamodule's ``max_bad_fraction`` (``data.max_bad_fraction``; None: no limit).
     """
@@ -184,18 +240,25 @@ class DataHealth(pl.Callback):
             return
         self.report.samples[split] = self.report.samples.get(split, 0) + int(health["samples"])
         self.report.add_events(split, health["events"])
-        if self.report.samples[split] + self.report.count(split, (SKIPPED,)) >= self.min_samples:
+        if _rank_share(trainer, split) or self.report.samples[split] + self.report.count(split, (SKIPPED,)) >= self.min_samples:
             self._check(trainer, split)
 
     def _check(self, trainer: pl.Trainer, split: str) -> None:
         limit = getattr(trainer.datamodule, "max_bad_fraction", None) if trainer.datamodule is not None else None
-        skipped = self.report.count(split, (SKIPPED,))
-        attempts = self.report.samples.get(split, 0) + skipped  # a skipped sample was replaced or blanked
-        if limit is None or attempts == 0 or skipped <= limit * attempts:
+        if limit is None:
+            return
+        bad, events = self.report.files(split, (SKIPPED,)), self.report.count(split, (SKIPPED,))
+        share = _rank_share(trainer, split)
+        if share:  # distinct bad files against the (rank's share of the) split
+            of, total = share, f"the {share} '{split}' samples" + (" of this rank" if trainer.world_size > 1 else "")
+            what = f"were found unreadable or malformed ({events} skip events so far)"
+        else:  # the split's size unknown: against what was loaded so far
+            of = self.report.samples.get(split, 0) + events  # a skipped sample was replaced or blanked
+            total, what = f"{of} '{split}' samples loaded so far", "were skipped as unreadable or malformed"
+        if of == 0 or bad <= limit * of:
             return
         root = getattr(trainer.datamodule, "root", "data")
-        raise DataError(root, f"{skipped} of {attempts} '{split}' samples loaded so far were skipped as unreadable "
-                        f"or malformed ({skipped / attempts:.1%} > data.max_bad_fraction={limit:g}), e.g. "
+        raise DataError(root, f"{bad} of {total} {what} ({bad / of:.1%} > data.max_bad_fraction={limit:g}), e.g. "
                         f"{', '.join(self.report.first(split, (SKIPPED,)))}",
                         "fix or remove those files, or raise data.max_bad_fraction")
 

@@ -177,7 +177,7 @@ class DetectionExport(nn.Module):
         self.output_names = ((MOBILE_DET_OUTPUTS if mobile else NMS_OUTPUTS) if self.nms
                              else DECODED_OUTPUTS if self.decoded else RAW_OUTPUTS)
 
-    def tflite_postprocess_op(self) -> tuple[nn.Module, np.ndarray, dict[str, Any]] | None:
+    def tflite_postprocess_op(self) -> dict[str, Any] | None:
         """See :func:`postprocess_op_spec` (what :mod:`backbone.export.tflite` asks a wrapper)."""
         return postprocess_op_spec(self)
 
@@ -216,17 +216,17 @@ class DetectionExport(nn.Module):
 
 
 class PostprocessOpInputs(nn.Module):
-    """A mobile detection wrapper up to the inputs of TFLite's ``TFLite_Detection_PostProcess``
-    (:mod:`backbone.export.tflite_postprocess`): ``codes (1, A, 4)`` (ty, tx, th, tw) and ``scores (1, A, K)``
-    (converted, no background column), every candidate outside the image's top ``pre_nms_top_k`` at -1 (the
-    op's score threshold is >= 0, so it never keeps one: the cap of ``mnv2::multiclass_nms`` as a threshold
-    at the k-th score, no scatter)."""
+    """A mobile detection wrapper up to the inputs of TFLite's ``TFLite_Detection_PostProcess``, one op per
+    class (:mod:`backbone.export.tflite_postprocess`): ``codes (1, A, 4)`` (ty, tx, th, tw), then each class's
+    converted scores ``(1, A, 1)``, every candidate outside the image's top ``pre_nms_top_k`` at -1 (the ops'
+    score threshold is >= 0, so they never keep one: the cap of ``mnv2::multiclass_nms`` as a threshold at
+    the k-th score, no scatter)."""
 
     def __init__(self, wrapper: DetectionExport) -> None:
         super().__init__()
         self.wrapper = wrapper
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = self.wrapper
         x = (images_to_nchw(images, w.layout) - w.mean) / w.std
         cls_logits, codes = w.model.head(w.model.extract_features(x))
@@ -243,15 +243,43 @@ class PostprocessOpInputs(nn.Module):
         if pp.box_coder.order == "xy":
             tx, ty, tw, th = codes.unbind(-1)
             codes = torch.stack([ty, tx, th, tw], dim=-1)
-        return codes, scores
+        return (codes, *scores.split(1, dim=-1))
 
 
-def postprocess_op_spec(wrapper: DetectionExport) -> tuple[nn.Module, np.ndarray, dict[str, Any]] | None:
-    """(network up to the op's inputs, anchors (A, 4) ycenter/xcenter/h/w, op options) for a mobile-layout
-    detection wrapper with NMS inside, whose post-processing the op reproduces; None otherwise (the
-    exporter then uses the static NMS). Not reproduced: ``clip_before_nms`` (the op clips nothing; the
-    clip here comes after it) and kept boxes that the clip empties (the reference drops them; here they
-    stay as zero-area rows: only a box wholly outside the image, which a trained model does not predict)."""
+class PostprocessOpTail(nn.Module):
+    """The per-class ops' results -> the mobile outputs: clip to the image, drop boxes the clip empties,
+    the top D by score. Inputs: K boxes (1, D + E, 4) (ymin, xmin, ymax, xmax normalised, unclipped), K
+    scores (1, D + E), K counts (1,) (floats, as the op writes them); outputs: locations (1, D, 4),
+    classes (1, D) 0-based, scores (1, D), count (1,); rows past count 0."""
+
+    def __init__(self, num_classes: int, max_detections: int) -> None:
+        super().__init__()
+        self.K, self.D = int(num_classes), int(max_detections)
+
+    def forward(self, *per_class: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        K, D = self.K, self.D
+        boxes = torch.cat(per_class[:K], 1)  # (1, K * M, 4), class-major
+        scores = torch.cat(per_class[K:2 * K], 1)  # (1, K * M)
+        M = boxes.shape[1] // K
+        counts = torch.cat(per_class[2 * K:], 0).reshape(1, K, 1)
+        kept = (torch.arange(M, dtype=torch.float32).reshape(1, 1, M) < counts).reshape(1, K * M)
+        y1, x1, y2, x2 = boxes.clamp(0, 1).unbind(-1)
+        kept = kept & (y2 > y1) & (x2 > x1)
+        top, idx = torch.where(kept, scores, torch.full_like(scores, -1.0)).topk(D, dim=1)
+        valid = top >= 0
+        picked = torch.gather(torch.stack([y1, x1, y2, x2], -1), 1, idx.unsqueeze(-1).expand(1, D, 4))
+        locations = picked * valid.unsqueeze(-1).to(picked.dtype)
+        classes = torch.where(valid, torch.div(idx, M, rounding_mode="floor"), torch.zeros_like(idx)).to(torch.float32)
+        return locations, classes, torch.where(valid, top, torch.zeros_like(top)), valid.to(torch.float32).sum(1)
+
+
+def postprocess_op_spec(wrapper: DetectionExport) -> dict[str, Any] | None:
+    """What :mod:`backbone.export.tflite` needs to end a mobile-layout detection wrapper with NMS inside in
+    TFLite's native op: ``network`` (:class:`PostprocessOpInputs`), ``tail`` (:class:`PostprocessOpTail`) and
+    ``tail_example`` (its inputs), ``anchors`` (A, 4) (ycenter, xcenter, h, w) and the per-class op's
+    ``options``; None where the op cannot reproduce the post-processing (not the mobile layout, or
+    ``clip_before_nms``: the op clips nothing): the exporter then uses the static NMS."""
+    from backbone.export.static_nms import EMPTY_MARGIN
     from backbone.export.tflite_postprocess import op_options
 
     pp = wrapper.model.postprocessor
@@ -263,10 +291,15 @@ def postprocess_op_spec(wrapper: DetectionExport) -> tuple[nn.Module, np.ndarray
     anchors = torch.stack([centre[:, 1], centre[:, 0], wh[:, 1], wh[:, 0]], 1).float().numpy()
     w = pp.box_coder.weights  # in the codes' order; the op's are (y, x, h, w)
     scales = w if pp.box_coder.order == "yx" else (w[1], w[0], w[3], w[2])
-    options = op_options(max_detections=pp.max_detections, iou_threshold=pp.nms_iou,
-                         score_threshold=max(pp.score_threshold, 0.0), num_classes=wrapper.model.num_classes,
+    K, D = wrapper.model.num_classes, pp.max_detections
+    M = D + EMPTY_MARGIN
+    options = op_options(max_detections=M, iou_threshold=pp.nms_iou, score_threshold=max(pp.score_threshold, 0.0),
                          scales=scales)
-    return PostprocessOpInputs(wrapper).eval(), anchors, options
+    # distinct tensors: torch.export takes one tensor passed twice for one input
+    tail_example = tuple([torch.rand(1, M, 4) for _ in range(K)] + [torch.rand(1, M) for _ in range(K)]
+                         + [torch.full((1,), float(M)) for _ in range(K)])
+    return {"network": PostprocessOpInputs(wrapper).eval(), "tail": PostprocessOpTail(K, D).eval(),
+            "tail_example": tail_example, "anchors": anchors, "options": options}
 
 
 def build_export(module: nn.Module, meta: dict[str, Any], nms: bool = True, layout: str = "nchw",

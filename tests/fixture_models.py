@@ -72,9 +72,11 @@ def raise_seg_class_bias(model: torch.nn.Module, images: torch.Tensor, normalize
         return class_shares(model(x), valid)
 
 
-def random_det_ckpt(K: int = 3, size: int = 96) -> dict:
+def random_det_ckpt(K: int = 3, size: int = 96, balanced: bool = False) -> dict:
     """A small random-weight SSDLite checkpoint (width 0.35, K classes, size px) with non-trivial BN statistics
-    and a post-processing that keeps a dozen detections per image (what the export parity tests need)."""
+    and a post-processing that keeps a dozen detections per image (what the export parity tests need);
+    ``balanced``: the classifier biases shifted so that every class's top logits are alike (random
+    weights otherwise favour one class, and a test of per-class work sees only it)."""
     from backbone.training.checkpoint import run_info
     from mnv2det.lightning_module import SSDLiteModule
 
@@ -87,5 +89,17 @@ def random_det_ckpt(K: int = 3, size: int = 96) -> dict:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
+    if balanced:
+        x = torch.randn(8, 3, size, size)
+        with torch.no_grad():
+            for _ in range(4):  # softmax couples the classes: a few multiplicative corrections
+                scores = module.model(x)["cls_logits"].softmax(-1).reshape(-1, K + 1)
+                top = scores.quantile(0.995, dim=0)  # the candidates that become detections
+                shift = torch.zeros(K + 1)
+                shift[1:] = (top[1:].max() / top[1:]).log()
+                for predictor in module.model.head.cls_head:
+                    predictor.pointwise.bias.view(-1, K + 1).add_(shift)  # anchor-major, K + 1 columns each
+            for predictor in module.model.head.cls_head:  # more foreground overall: confident detections
+                predictor.pointwise.bias.view(-1, K + 1)[:, 1:] += 0.3
     info = run_info("det", {"model": cfg}, {"class_names": [f"c{i}" for i in range(K)]})
     return {"state_dict": module.state_dict(), "mnv2": info}

@@ -73,7 +73,7 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
     loader reads back to the nchw contract and MediaPipe's ObjectDetector takes as it is."""
     FMT, SUFFIX, export = fmt
     mobile = {"layout": "mobile", "input_dtype": "uint8"} if FMT == "tflite" else {}
-    wrapper, example, meta = prepare(random_det_ckpt(), nms=True, **mobile)
+    wrapper, example, meta = prepare(random_det_ckpt(balanced=True), nms=True, **mobile)
     path = export(wrapper, example, meta, tmp_path / f"det{SUFFIX}")
     model = load_exported(path)
     assert model.metadata["format"] == FMT and model.metadata["nms"] and model.metadata["task"] == "det"
@@ -83,7 +83,7 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
         assert model.metadata["outputs"] == ["boxes", "scores", "labels", "num_detections"]
     assert model.metadata["class_names"] == ["c0", "c1", "c2"] and model.metadata["input_size"] == [96, 96]
     if FMT == "tflite":  # decode + NMS in TFLite's native op, the cap before it (TOPK_V2)
-        assert model.metadata["nms_op"] == "TFLite_Detection_PostProcess" and "static_nms" not in model.metadata
+        assert model.metadata["nms_op"]["op"] == "TFLite_Detection_PostProcess" and "static_nms" not in model.metadata
         assert {"CUSTOM", "TOPK_V2"} <= file_facts(path)["ops"]
     else:
         assert model.metadata["static_nms"]["top_k"] == 60
@@ -94,8 +94,18 @@ def test_det_nms_matches_postprocessor(tmp_path, images, fmt):
     with torch.no_grad():
         refs = ssd.postprocess(ssd((torch.from_numpy(images) / 255 - mean) / std), torch.tensor([[96, 96]] * 4))
     assert sum(len(r["scores"]) for r in refs) >= 8  # enough detections that NMS matters
+    # every class detected: LiteRT's multi-threaded regular NMS skips class `num_threads` (the per-class
+    # ops avoid it), so each thread count must find all three
+    assert set(torch.cat([r["labels"] for r in refs]).tolist()) == {1, 2, 3}
     for i, ref in enumerate(refs):
         assert_same_detections(out, i, ref)
+    if FMT == "tflite":
+        from backbone.export.tflite import TFLiteModel
+
+        for threads in (1, 3):
+            again = TFLiteModel(path, threads=threads)(images)
+            for i, ref in enumerate(refs):
+                assert_same_detections(again, i, ref)
 
 
 def test_det_raw_outputs_match(tmp_path, images, fmt):

@@ -61,22 +61,24 @@ def export(module: torch.nn.Module, example: torch.Tensor, metadata: dict[str, A
     example = example[:1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.export.export(contiguous_copy(post[0] if post is not None else module), (example,))
+        program = torch.export.export(contiguous_copy(post["network"] if post is not None else module), (example,))
         if nms is not None:
             program = decompose_nms(program, **nms)
         # litert-torch 0.10 lowers expand to a BROADCAST_TO that fails in the interpreter ("Output shape
         # must be broadcastable from input shape", the seg head's image-pooling branch): an ADD broadcasts
         program = program.run_decompositions({torch.ops.aten.expand.default: _expand_by_add})
         edge = litert_torch.convert(program.module(), (example,))
+        if post is not None:
+            tail = litert_torch.convert(post["tail"], post["tail_example"]).model_content()
     meta = {**metadata, "format": "tflite", "int8": False, "batch": 1}
     if nms is not None:
         meta["static_nms"] = nms
     content = edge.model_content()
     if post is not None:
-        from backbone.export.tflite_postprocess import OP_NAME, append_detection_postprocess
+        from backbone.export.tflite_postprocess import OP_NAME, graft_detection_postprocess
 
-        content = append_detection_postprocess(content, post[1], post[2])
-        meta["nms_op"] = OP_NAME
+        content = graft_detection_postprocess(content, tail, post["anchors"], post["options"])
+        meta["nms_op"] = {"op": OP_NAME, "per_class": True, "keep_per_class": post["options"]["max_detections"]}
     if meta.get("layout") == "mobile":
         content = order_output_tensors(content)
     content = add_metadata(content, encode(meta))

@@ -243,7 +243,8 @@ class PostprocessOpInputs(nn.Module):
         if pp.box_coder.order == "xy":
             tx, ty, tw, th = codes.unbind(-1)
             codes = torch.stack([ty, tx, th, tw], dim=-1)
-        return (codes, *scores.split(1, dim=-1))
+        # slices, not split(): litert-torch 0.10 fails on split_with_sizes([1]) (a one-class model)
+        return (codes, *(scores[..., c:c + 1] for c in range(K)))
 
 
 class PostprocessOpTail(nn.Module):

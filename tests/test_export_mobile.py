@@ -157,3 +157,22 @@ def test_seg_logits_and_mask_match(tmp_path, fmt, trained_seg):
     mask = mask_model(images)["mask"]
     assert mask.shape == (len(images), size, size) and mask.dtype == np.int64
     assert (mask == ref_mask).mean() >= 0.999
+
+
+def test_tflite_static_nms_matches_postprocessor(tmp_path, images):
+    """TFLite with the static NMS instead of the native op (layout=nchw, or options.nms_op=static)."""
+    for module in FORMATS["tflite"][1]:
+        pytest.importorskip(module, reason="tflite converter/runtime not installed (pip install -e '.[export]')")
+    from backbone.export.tflite import export
+
+    wrapper, example, meta = prepare(random_det_ckpt(balanced=True), nms=True)
+    model = load_exported(export(wrapper, example, meta, tmp_path / "det.tflite", nms_op="static"))
+    assert model.metadata["static_nms"]["top_k"] == 60 and "nms_op" not in model.metadata
+    out = model(images)
+    ssd = wrapper.model
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ssd.normalize_mean, ssd.normalize_std))
+    with torch.no_grad():
+        refs = ssd.postprocess(ssd((torch.from_numpy(images) / 255 - mean) / std), torch.tensor([[96, 96]] * 4))
+    assert set(torch.cat([r["labels"] for r in refs]).tolist()) == {1, 2, 3}
+    for i, ref in enumerate(refs):
+        assert_same_detections(out, i, ref)

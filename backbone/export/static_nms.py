@@ -63,24 +63,36 @@ def static_multiclass_nms(boxes: torch.Tensor, scores: torch.Tensor, width: floa
     top_s, top_i = scores.reshape(B, K * N).topk(T, dim=1)  # (B, T), sorted: rank order = score order
     cls = torch.div(top_i, N, rounding_mode="floor")
     cand = torch.gather(boxes, 1, (top_i - cls * N).unsqueeze(-1).expand(B, T, 4))  # (B, T, 4)
-    lo, hi = cand[..., :2], cand[..., 2:]
-    wh = hi - lo
-    area = wh[..., 0] * wh[..., 1]  # (B, T)
+    x1, y1, x2, y2 = cand.unbind(-1)  # (B, T) each
+    area = (x2 - x1) * (y2 - y1)
+    clsf = cls.to(torch.float32)
     rank = torch.arange(T, device=dev).expand(B, T)
-    # a live candidate's key is T - rank (> 0, larger = better ranked); 0 once picked, suppressed or invalid
-    key = torch.where(top_s >= score_threshold, (T - rank).to(torch.float32), torch.zeros_like(top_s))
-    picks, oks = [], []
-    for _ in range(S):  # unrolled: the converters take no loop
+    # a live candidate's key is T - rank (> 0, larger = better ranked); 0 once picked or suppressed, and from
+    # the start below the threshold or of zero area (such a box has IoU 0 with every box, so it suppresses
+    # none, and the clip drops it: leaving it out is exact and saves its step)
+    live = (top_s >= score_threshold) & (area > 0)
+    key = torch.where(live, (T - rank).to(torch.float32), torch.zeros_like(top_s))
+    packed = torch.stack([x1, y1, x2, y2, area, clsf], 1)  # (B, 6, T): one gather per step reads the pick
+    thr = float(iou_threshold)
+    picks, bests = [], []
+    # unrolled (the converters take no loop). Per step one max and one gather; the rest is float arithmetic,
+    # which XNNPACK runs as one delegate call (ExecuTorch's portable comparisons, selects and gathers cost
+    # ~10 us a call: ET NMS 6.75 -> 2.15 ms, default detector's shapes)
+    for _ in range(S):
         best, i = key.max(dim=1, keepdim=True)  # (B, 1)
-        b = torch.gather(cand, 1, i.unsqueeze(-1).expand(B, 1, 4))  # (B, 1, 4)
-        iwh = (torch.minimum(hi, b[..., 2:]) - torch.maximum(lo, b[..., :2])).clamp(min=0)
-        inter = iwh[..., 0] * iwh[..., 1]
-        iou = inter / (torch.gather(area, 1, i) + area - inter)
-        gone = ((iou > iou_threshold) & (cls == torch.gather(cls, 1, i))) | (rank == i)
-        key = torch.where(gone, torch.zeros_like(key), key)
+        p = torch.gather(packed, 2, i.unsqueeze(1).expand(B, 6, 1))
+        px1, py1, px2, py2, parea, pcls = p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], p[:, 5]  # (B, 1)
+        iw = (torch.minimum(x2, px2) - torch.maximum(x1, px1)).clamp(min=0)
+        ih = (torch.minimum(y2, py2) - torch.maximum(y1, py1)).clamp(min=0)
+        inter = iw * ih
+        iou = inter / (parea + area - inter)  # as torchvision's nms; the pick's area is > 0 while one is live
+        same = 1 - (clsf - pcls).abs().clamp(max=1)  # 1 for the pick's class (class ids as floats: exact)
+        over = torch.ceil(((iou - thr) * same).clamp(0, 1))  # 1 iff same class and IoU > thr, exactly
+        me = 1 - (key - best).abs().clamp(max=1)  # 1 at the pick (keys are distinct integers)
+        key = key * (1 - torch.maximum(over, me))
         picks.append(i)
-        oks.append(best > 0)
-    pick, ok = torch.cat(picks, 1), torch.cat(oks, 1)  # (B, S), in rank order
+        bests.append(best)
+    pick, ok = torch.cat(picks, 1), torch.cat(bests, 1) > 0  # (B, S), in rank order
     pb = torch.gather(cand, 1, pick.unsqueeze(-1).expand(B, S, 4))
     # per-coordinate clamps: a tensor constant made here would be a mutation (lift_fresh_copy + detach_)
     # that the decomposition refuses
